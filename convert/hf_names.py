@@ -1,0 +1,265 @@
+"""The one map between HF checkpoint tensor names and the k2jax params tree.
+
+Every HF tensor the model uses has a ``TensorSpec``: the shape and dtypes expected on disk and
+how it lands in our tree (which stack, layer, expert and parameter, and the transform: transpose
+to our [in, out] layout, split heads, and the rope permutation). The rope layout of the
+checkpoint is handled here and only here: the rope rows of ``q_b_proj`` (per head) and of
+``kv_a_proj_with_mqa`` are stored as interleaved pairs (2j, 2j+1); we permute them once into
+halves (evens then odds), which is what ``k2jax.rope.apply_rope`` rotates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from k2jax.config import Config
+
+Path = tuple[str, ...]
+Placement = list[tuple[Path, np.ndarray]]
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+# Tensors the checkpoint may hold that the model recomputes or does not use.
+IGNORED = (re.compile(r".*\.rotary_emb\.inv_freq$"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One HF tensor: expected shape and dtypes on disk, and where it goes in our params."""
+
+    hf_name: str
+    shape: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    stack: str | None  # "dense_layers" / "moe_layers", or None for top-level params
+    layer: int | None  # index within the stack
+    expert: int | None
+    place: Callable[[np.ndarray], Placement]
+
+
+def _halves_permutation(width: int) -> np.ndarray:
+    return np.concatenate([np.arange(0, width, 2), np.arange(1, width, 2)])
+
+
+def _t(path: Path) -> Callable[[np.ndarray], Placement]:
+    return lambda a: [(path, np.ascontiguousarray(a.T))]
+
+
+def _same(path: Path) -> Callable[[np.ndarray], Placement]:
+    return lambda a: [(path, a)]
+
+
+def _q_up(cfg: Config, path: Path) -> Callable[[np.ndarray], Placement]:
+    n, h, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    order = np.concatenate([np.arange(h), h + _halves_permutation(r)])
+
+    def place(a: np.ndarray) -> Placement:
+        per_head = a.reshape(n, h + r, -1)[:, order, :]
+        return [(path, np.ascontiguousarray(per_head.transpose(2, 0, 1)))]
+
+    return place
+
+
+def _kv_down(cfg: Config, path: Path) -> Callable[[np.ndarray], Placement]:
+    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    order = np.concatenate([np.arange(c), c + _halves_permutation(r)])
+    return lambda a: [(path, np.ascontiguousarray(a[order].T))]
+
+
+def _kv_up(cfg: Config, k_path: Path, v_path: Path) -> Callable[[np.ndarray], Placement]:
+    n, h, u = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+
+    def place(a: np.ndarray) -> Placement:
+        per_head = a.reshape(n, h + u, -1)
+        k = np.ascontiguousarray(per_head[:, :h].transpose(2, 0, 1))
+        v = np.ascontiguousarray(per_head[:, h:].transpose(2, 0, 1))
+        return [(k_path, k), (v_path, v)]
+
+    return place
+
+
+def _o_proj(cfg: Config, path: Path) -> Callable[[np.ndarray], Placement]:
+    n, u = cfg.num_heads, cfg.v_head_dim
+    return lambda a: [(path, np.ascontiguousarray(a.reshape(-1, n, u).transpose(1, 2, 0)))]
+
+
+def stack_position(cfg: Config, layer: int) -> tuple[str, int]:
+    """Which stack a global layer index belongs to, and its index there."""
+    if layer < cfg.num_dense_layers:
+        return "dense_layers", layer
+    return "moe_layers", layer - cfg.num_dense_layers
+
+
+def layer_specs(cfg: Config, layer: int) -> list[TensorSpec]:
+    """Every tensor of HF layer ``layer``."""
+    stack, index = stack_position(cfg, layer)
+    p = f"model.layers.{layer}"
+    d, q, c, r = cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    n, h, u = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    specs: list[tuple[str, tuple[int, ...], tuple[str, ...], int | None, Callable]] = [
+        ("input_layernorm.weight", (d,), FLOAT_DTYPES, None, _same(("attn_norm", "scale"))),
+        ("post_attention_layernorm.weight", (d,), FLOAT_DTYPES, None, _same(("mlp_norm", "scale"))),
+        ("self_attn.q_a_proj.weight", (q, d), FLOAT_DTYPES, None, _t(("attn", "w_q_down"))),
+        (
+            "self_attn.q_a_layernorm.weight",
+            (q,),
+            FLOAT_DTYPES,
+            None,
+            _same(("attn", "q_norm", "scale")),
+        ),
+        (
+            "self_attn.q_b_proj.weight",
+            (n * (h + r), q),
+            FLOAT_DTYPES,
+            None,
+            _q_up(cfg, ("attn", "w_q_up")),
+        ),
+        (
+            "self_attn.kv_a_proj_with_mqa.weight",
+            (c + r, d),
+            FLOAT_DTYPES,
+            None,
+            _kv_down(cfg, ("attn", "w_kv_down")),
+        ),
+        (
+            "self_attn.kv_a_layernorm.weight",
+            (c,),
+            FLOAT_DTYPES,
+            None,
+            _same(("attn", "kv_norm", "scale")),
+        ),
+        (
+            "self_attn.kv_b_proj.weight",
+            (n * (h + u), c),
+            FLOAT_DTYPES,
+            None,
+            _kv_up(cfg, ("attn", "w_k_up"), ("attn", "w_v_up")),
+        ),
+        ("self_attn.o_proj.weight", (d, n * u), FLOAT_DTYPES, None, _o_proj(cfg, ("attn", "w_o"))),
+    ]
+    if stack == "dense_layers":
+        f = cfg.intermediate_size
+        for proj, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            specs.append(
+                (f"mlp.{proj}_proj.weight", shape, FLOAT_DTYPES, None, _t(("mlp", f"w_{proj}")))
+            )
+    else:
+        e, m = cfg.n_routed_experts, cfg.moe_intermediate_size
+        ms = m * cfg.n_shared_experts
+        specs.append(("mlp.gate.weight", (e, d), FLOAT_DTYPES, None, _t(("moe", "w_router"))))
+        specs.append(
+            (
+                "mlp.gate.e_score_correction_bias",
+                (e,),
+                FLOAT_DTYPES,
+                None,
+                _same(("moe", "e_score_correction_bias")),
+            )
+        )
+        if cfg.n_shared_experts:
+            for proj, shape in (("gate", (ms, d)), ("up", (ms, d)), ("down", (d, ms))):
+                specs.append(
+                    (
+                        f"mlp.shared_experts.{proj}_proj.weight",
+                        shape,
+                        FLOAT_DTYPES,
+                        None,
+                        _t(("moe", "shared", f"w_{proj}")),
+                    )
+                )
+        specs.extend(_expert_specs(cfg))
+    return [
+        TensorSpec(f"{p}.{name}", shape, dtypes, stack, index, expert, place)
+        for name, shape, dtypes, expert, place in specs
+    ]
+
+
+def _expert_specs(cfg: Config):
+    q = cfg.quantization
+    if q.kind != "int4":
+        raise NotImplementedError(
+            f"routed experts stored as {q.kind!r}: k2jax runs INT4 (compressed-tensors "
+            "pack-quantized) experts only; convert the checkpoint's experts to that format first"
+        )
+    d, m, g = cfg.hidden_size, cfg.moe_intermediate_size, q.group_size
+    out = []
+    for e in range(cfg.n_routed_experts):
+        for proj, (o, i) in (("gate", (m, d)), ("up", (m, d)), ("down", (d, m))):
+            base = f"mlp.experts.{e}.{proj}_proj"
+            where = ("moe", "experts")
+            out.append(
+                (
+                    f"{base}.weight_packed",
+                    (o, i // 8),
+                    ("I32",),
+                    e,
+                    _same((*where, f"{proj}_packed")),
+                )
+            )
+            out.append(
+                (
+                    f"{base}.weight_scale",
+                    (o, i // g),
+                    ("BF16",),
+                    e,
+                    _same((*where, f"{proj}_scale")),
+                )
+            )
+            out.append(
+                (
+                    f"{base}.weight_shape",
+                    (2,),
+                    ("I32", "I64"),
+                    e,
+                    _check_shape(f"{base}.weight_shape", (o, i)),
+                )
+            )
+    return out
+
+
+def _check_shape(name: str, want: tuple[int, int]) -> Callable[[np.ndarray], Placement]:
+    def place(a: np.ndarray) -> Placement:
+        if tuple(int(x) for x in a.reshape(-1)) != want:
+            raise ValueError(f"{name} holds {a.tolist()}, expected {list(want)}")
+        return []
+
+    return place
+
+
+def head_specs(cfg: Config) -> list[TensorSpec]:
+    """The embeddings, final norm and lm_head."""
+    v, d = cfg.vocab_size, cfg.hidden_size
+    return [
+        TensorSpec(
+            "model.embed_tokens.weight", (v, d), FLOAT_DTYPES, None, None, None, _same(("embed",))
+        ),
+        TensorSpec(
+            "model.norm.weight",
+            (d,),
+            FLOAT_DTYPES,
+            None,
+            None,
+            None,
+            _same(("final_norm", "scale")),
+        ),
+        TensorSpec("lm_head.weight", (v, d), FLOAT_DTYPES, None, None, None, _t(("lm_head",))),
+    ]
+
+
+def all_specs(cfg: Config) -> dict[str, TensorSpec]:
+    """Every HF tensor the model needs, by name."""
+    specs = head_specs(cfg)
+    for layer in range(cfg.num_layers):
+        specs.extend(layer_specs(cfg, layer))
+    return {s.hf_name: s for s in specs}
+
+
+def is_ignored(cfg: Config, hf_name: str) -> bool:
+    """Tensors the checkpoint may carry that we do not load (rope buffers, MTP layers)."""
+    if any(p.match(hf_name) for p in IGNORED):
+        return True
+    m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    mtp_layers = range(cfg.num_layers, cfg.num_layers + cfg.num_nextn_predict_layers)
+    return bool(m) and int(m.group(1)) in mtp_layers

@@ -1,0 +1,139 @@
+"""Multi-head latent attention (MLA), in two forms that agree with the reference.
+
+- ``naive``: keys and values up-projected per head from the latent, as the reference writes it;
+  used for a full causal forward pass without a cache (``Model.logits``).
+- ``absorbed`` (paged): the key up-projection W_UK is folded into the query, scores are taken
+  against the cached latents directly (q_lat . c_kv + q_pe . k_pe), the weighted sum runs over
+  the latents, and the value up-projection W_UV is applied afterwards. Used for chunked prefill
+  and decode against the paged cache; the cache holds C + R values per token and layer.
+
+Both write the same normalized latent and rotated rope key, so a cache filled by either serves
+the other.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax import kv_cache
+from k2jax.config import Config
+from k2jax.layers import RMSNorm, fan_in_init, param
+from k2jax.rope import apply_rope
+
+NEG_INF = -1e30
+
+
+class MLAttention(nn.Module):
+    """MLA over x [B, T, D] at integer positions [B, T] (negative = padding)."""
+
+    cfg: Config
+    dtype: jnp.dtype = jnp.bfloat16
+
+    def setup(self) -> None:
+        c = self.cfg
+        n, h, r, u = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        d, q, kv = c.hidden_size, c.q_lora_rank, c.kv_lora_rank
+        self.w_q_down = param(self, "w_q_down", (d, q), ("embed", "q_lora"), self.dtype)
+        self.q_norm = RMSNorm(q, c.low_rank_norm_eps, "q_lora", self.dtype)
+        self.w_q_up = param(
+            self, "w_q_up", (q, n, h + r), ("q_lora", "heads", "qk_head_dim"), self.dtype
+        )
+        self.w_kv_down = param(
+            self, "w_kv_down", (d, kv + r), ("embed", "kv_lora_rope"), self.dtype
+        )
+        self.kv_norm = RMSNorm(kv, c.low_rank_norm_eps, "kv_lora", self.dtype)
+        self.w_k_up = param(
+            self, "w_k_up", (kv, n, h), ("kv_lora", "heads", "head_dim"), self.dtype
+        )
+        self.w_v_up = param(
+            self, "w_v_up", (kv, n, u), ("kv_lora", "heads", "v_head_dim"), self.dtype
+        )
+        self.w_o = param(
+            self,
+            "w_o",
+            (n, u, d),
+            ("heads", "v_head_dim", "embed"),
+            self.dtype,
+            fan_in_init((0, 1)),
+        )
+
+    def _queries(self, x_BTD, cos, sin):
+        c = self.cfg
+        q_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.w_q_down))
+        q_BTNK = jnp.einsum("BTQ,QNK->BTNK", q_BTQ, self.w_q_up)
+        q_nope_BTNH = q_BTNK[..., : c.qk_nope_head_dim]
+        q_pe_BTNR = apply_rope(q_BTNK[..., c.qk_nope_head_dim :], cos, sin)
+        return q_nope_BTNH, q_pe_BTNR
+
+    def _latents(self, x_BTD, cos, sin):
+        """The values the cache stores: [normalized c_kv (C) | rotated k_pe (R)], [B, T, W]."""
+        c = self.cfg
+        kv_BTW = jnp.einsum("BTD,DW->BTW", x_BTD, self.w_kv_down)
+        c_kv_BTC = self.kv_norm(kv_BTW[..., : c.kv_lora_rank])
+        k_pe_BTR = apply_rope(kv_BTW[..., c.kv_lora_rank :], cos, sin)
+        return jnp.concatenate([c_kv_BTC, k_pe_BTR], axis=-1)
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        positions_BT: jax.Array,
+        cache: kv_cache.PagedCache | None = None,
+        layer: jax.Array | int = 0,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Returns (y [B, T, D], the updated page pool or None without a cache)."""
+        x_BTD = x_BTD.astype(self.dtype)
+        q_nope_BTNH, q_pe_BTNR = self._queries(x_BTD, cos, sin)
+        latents_BTW = self._latents(x_BTD, cos, sin)
+        if cache is None:
+            with jax.named_scope("mla_naive"):
+                out_BTNU = self._naive(q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT)
+            return jnp.einsum("BTNU,NUD->BTD", out_BTNU, self.w_o), None
+        with jax.named_scope("mla_cache_write"):
+            pages = kv_cache.write_layer(
+                cache.pages, layer, cache.block_tables, positions_BT, latents_BTW
+            )
+        with jax.named_scope("mla_absorbed"):
+            cached_BSW = kv_cache.read_layer(pages, layer, cache.block_tables)
+            out_BTNU = self.absorbed(q_nope_BTNH, q_pe_BTNR, cached_BSW, positions_BT)
+        return jnp.einsum("BTNU,NUD->BTD", out_BTNU, self.w_o), pages
+
+    def _naive(self, q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT):
+        c = self.cfg
+        c_kv_BSC = latents_BTW[..., : c.kv_lora_rank]
+        k_pe_BSR = latents_BTW[..., c.kv_lora_rank :]
+        k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", c_kv_BSC, self.w_k_up)
+        v_BSNU = jnp.einsum("BSC,CNU->BSNU", c_kv_BSC, self.w_v_up)
+        scores_BNTS = jnp.einsum(
+            "BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=jnp.float32
+        ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)
+        key_pos_BS = positions_BT
+        probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
+        return jnp.einsum("BNTS,BSNU->BTNU", probs_BNTS.astype(v_BSNU.dtype), v_BSNU)
+
+    def absorbed(self, q_nope_BTNH, q_pe_BTNR, cached_BSW, positions_BT):
+        """Attention over cached latents [B, S, W] (S = sequence positions 0..S-1)."""
+        c = self.cfg
+        cached_BSW = cached_BSW.astype(q_nope_BTNH.dtype)
+        c_kv_BSC = cached_BSW[..., : c.kv_lora_rank]
+        k_pe_BSR = cached_BSW[..., c.kv_lora_rank :]
+        # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key.
+        q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, self.w_k_up)
+        scores_BNTS = jnp.einsum(
+            "BTNC,BSC->BNTS", q_lat_BTNC, c_kv_BSC, preferred_element_type=jnp.float32
+        ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)
+        key_pos_BS = jnp.broadcast_to(jnp.arange(cached_BSW.shape[1]), cached_BSW.shape[:2])
+        probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
+        out_lat_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS.astype(c_kv_BSC.dtype), c_kv_BSC)
+        return jnp.einsum("BTNC,CNU->BTNU", out_lat_BTNC, self.w_v_up)
+
+    def _softmax(self, scores_BNTS, query_pos_BT, key_pos_BS):
+        # A key is visible when it is not padding and not after the query (causal by position).
+        visible_BTS = (key_pos_BS[:, None, :] >= 0) & (
+            key_pos_BS[:, None, :] <= query_pos_BT[:, :, None]
+        )
+        scores_BNTS = jnp.where(visible_BTS[:, None], scores_BNTS * self.cfg.softmax_scale, NEG_INF)
+        return jax.nn.softmax(scores_BNTS, axis=-1)

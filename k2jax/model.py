@@ -1,0 +1,198 @@
+"""The K2 transformer: embedding, scanned dense and MoE layer stacks, final norm, lm_head.
+
+Pure functions over an explicit params pytree::
+
+    {"embed": [V, D], "dense_layers": Block params stacked [L_dense, ...],
+     "moe_layers": Block params stacked [L_moe, ...], "final_norm": {"scale": [D]},
+     "lm_head": [D, V]}
+
+Each stack runs as one ``jax.lax.scan`` over ``Block.apply`` (compiled once whatever the
+layer count); ``scan_layers=False`` unrolls the same params layer by layer (for tests and
+debugging). The paged KV cache, when given, is carried through the scan and updated in place.
+
+Logical axis names of every parameter come from ``param_axes``; ``sharding`` maps them to mesh
+axes. This module never imports ``sharding`` or ``convert``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax import kv_cache
+from k2jax.attention import MLAttention
+from k2jax.config import Config
+from k2jax.layers import MLP, RMSNorm, fan_in_init, param
+from k2jax.moe import MoE
+from k2jax.rope import rope_tables
+
+STACKS = ("dense_layers", "moe_layers")
+
+
+class Block(nn.Module):
+    """One decoder layer: x + MLA(norm(x)), then + MLP-or-MoE(norm(x))."""
+
+    cfg: Config
+    is_moe: bool
+    dtype: jnp.dtype = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x_BTD, cos, sin, positions_BT, cache=None, layer=0):
+        c = self.cfg
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", self.dtype, name="attn_norm")(x_BTD)
+        with jax.named_scope("attention"):
+            attn_BTD, pages = MLAttention(c, self.dtype, name="attn")(
+                h, cos, sin, positions_BT, cache, layer
+            )
+        x_BTD = x_BTD + attn_BTD
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", self.dtype, name="mlp_norm")(x_BTD)
+        if self.is_moe:
+            with jax.named_scope("moe"):
+                mlp_BTD = MoE(c, self.dtype, name="moe")(h)
+        else:
+            with jax.named_scope("dense_mlp"):
+                mlp_BTD = MLP(c.hidden_size, c.intermediate_size, "mlp", self.dtype, name="mlp")(h)
+        return x_BTD + mlp_BTD, pages
+
+
+class Head(nn.Module):
+    """Token embedding in, final norm and untied lm_head out."""
+
+    cfg: Config
+    dtype: jnp.dtype = jnp.bfloat16
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.embed = param(
+            self,
+            "embed",
+            (c.vocab_size, c.hidden_size),
+            ("vocab", "embed"),
+            self.dtype,
+            nn.initializers.normal(1.0),
+        )
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", self.dtype)
+        self.lm_head = param(
+            self,
+            "lm_head",
+            (c.hidden_size, c.vocab_size),
+            ("embed", "vocab"),
+            self.dtype,
+            fan_in_init(0),
+        )
+
+    def __call__(self, tokens_BT):
+        """Embed then un-embed: touches every parameter, which is what ``init`` needs."""
+        return self.logits(self.embed_tokens(tokens_BT))
+
+    def embed_tokens(self, tokens_BT):
+        return jnp.take(self.embed, tokens_BT, axis=0)
+
+    def logits(self, x_BTD):
+        h = self.final_norm(x_BTD)
+        return jnp.einsum("BTD,DV->BTV", h, self.lm_head, preferred_element_type=jnp.float32)
+
+
+def _stack_sizes(cfg: Config) -> dict[str, int]:
+    return {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
+
+
+def _block(cfg: Config, stack: str, dtype) -> Block:
+    return Block(cfg, stack == "moe_layers", dtype)
+
+
+def _init_boxed(cfg: Config, key: jax.Array, dtype) -> dict:
+    """Boxed (logically partitioned) params; stacks get a leading 'layers' axis."""
+    x = jnp.zeros((1, 1, cfg.hidden_size), dtype)
+    pos = jnp.zeros((1, 1), jnp.int32)
+    cos, sin = rope_tables(cfg, pos)
+    keys = jax.random.split(key, 3)
+    head = Head(cfg, dtype).init(keys[0], pos)["params"]
+    params = {"embed": head["embed"], "final_norm": head["final_norm"], "lm_head": head["lm_head"]}
+    for stack, k in zip(STACKS, keys[1:], strict=True):
+        n = _stack_sizes(cfg)[stack]
+        if n == 0:
+            continue
+        block = _block(cfg, stack, dtype)
+        init_one = functools.partial(block.init, x_BTD=x, cos=cos, sin=sin, positions_BT=pos)
+        stacked = jax.vmap(lambda k1, f=init_one: f(k1)["params"])(jax.random.split(k, n))
+        params[stack] = jax.tree.map(
+            lambda b: b.replace(names=("layers", *b.names)),
+            stacked,
+            is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned),
+        )
+    return params
+
+
+def init_params(cfg: Config, key: jax.Array, dtype=jnp.bfloat16) -> dict:
+    """Random params (unit fan-in scaling, INT4 experts packed): the seeded default model."""
+    return nn.unbox(_init_boxed(cfg, key, dtype))
+
+
+def param_axes(cfg: Config, dtype=jnp.bfloat16) -> dict:
+    """The logical axis names of every parameter, as a tree of tuples shaped like the params."""
+    boxed = jax.eval_shape(lambda: _init_boxed(cfg, jax.random.key(0), dtype))
+    return jax.tree.map(
+        lambda b: tuple(b.names), boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned)
+    )
+
+
+def abstract_params(cfg: Config, dtype=jnp.bfloat16) -> dict:
+    """ShapeDtypeStructs of every parameter, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+
+
+def forward(
+    params: dict,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    cache: kv_cache.PagedCache | None = None,
+    *,
+    cfg: Config,
+    dtype=jnp.bfloat16,
+    scan_layers: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Hidden states after the last layer [B, T, D] and the updated page pool (or None).
+
+    Positions are absolute token positions; negative ones mark padding (never attended to and,
+    with a cache, never written to a live page). Without a cache, attention is causal over this
+    call's tokens; with one, each token attends to its sequence's cached positions <= its own.
+    """
+    head = Head(cfg, dtype)
+    head_params = {k: params[k] for k in ("embed", "final_norm", "lm_head")}
+    x_BTD = head.apply({"params": head_params}, tokens_BT, method=Head.embed_tokens)
+    cos, sin = rope_tables(cfg, positions_BT)
+    pages = None if cache is None else cache.pages
+    layer = 0
+    for stack in STACKS:
+        n = _stack_sizes(cfg)[stack]
+        if n == 0:
+            continue
+        block = _block(cfg, stack, dtype)
+
+        def step(carry, layer_params, block=block):
+            x, pages, layer = carry
+            layer_cache = None if pages is None else kv_cache.PagedCache(pages, cache.block_tables)
+            x, pages = block.apply(
+                {"params": layer_params}, x, cos, sin, positions_BT, layer_cache, layer
+            )
+            return (x, pages, layer + 1), None
+
+        carry = (x_BTD, pages, jnp.asarray(layer, jnp.int32))
+        if scan_layers:
+            carry, _ = jax.lax.scan(step, carry, params[stack])
+        else:
+            for i in range(n):
+                carry, _ = step(carry, jax.tree.map(lambda a, i=i: a[i], params[stack]))
+        x_BTD, pages, _ = carry
+        layer += n
+    return x_BTD, pages
+
+
+def lm_logits(params: dict, x_BTD: jax.Array, *, cfg: Config, dtype=jnp.bfloat16) -> jax.Array:
+    """float32 logits [B, T, V] from final hidden states."""
+    head_params = {k: params[k] for k in ("embed", "final_norm", "lm_head")}
+    return Head(cfg, dtype).apply({"params": head_params}, x_BTD, method=Head.logits)

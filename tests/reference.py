@@ -1,0 +1,274 @@
+"""The oracle: tiny random K2-structured models in transformers, written in K2's on-disk format.
+
+A model is built with transformers' ``DeepseekV3ForCausalLM`` (float32, eager), initialized so
+that routing varies (unit fan-in weights, norms near 1, a strong router, a nonzero correction
+bias), then made K2-like:
+
+- every routed expert projection is quantized and packed by compressed-tensors
+  (``calculate_qparams`` for the symmetric group-32 scales, ``PackedQuantizationCompressor``
+  for ``weight_packed`` / ``weight_scale`` / ``weight_shape``), and the reference model's own
+  expert weights are replaced by the float32 dequantization of exactly those packed values;
+- every other weight is rounded to bf16 (as the checkpoint stores it), the router bias stays
+  float32.
+
+``write_checkpoint`` lays the result out like K2 Thinking's directory: ``config.json`` with the
+compressed-tensors block, one shard for the dense layers, one per MoE layer, one for embeddings
+and head, and ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.utils.helpers import calculate_qparams
+from safetensors.torch import save_file
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+GROUP_SIZE = 32
+
+TINY: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "first_k_dense_replace": 1,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.827,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "rope_theta": 50000.0,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 64.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 1.0,
+        "beta_slow": 1.0,
+    },
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 250,
+    "eos_token_id": 251,
+    "pad_token_id": 255,
+}
+
+
+def hf_config_dict(**overrides: Any) -> dict[str, Any]:
+    """A K2 Thinking style config.json dict (INT4 experts) with tiny dimensions."""
+    raw = copy.deepcopy(TINY)
+    raw.update(copy.deepcopy(overrides))
+    raw.update(
+        {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "kimi_k2",
+            "hidden_act": "silu",
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "num_nextn_predict_layers": 0,
+            "torch_dtype": "bfloat16",
+            "quantization_config": _int4_quantization_config(),
+        }
+    )
+    return raw
+
+
+def _int4_quantization_config() -> dict[str, Any]:
+    return {
+        "config_groups": {
+            "group_0": {
+                "input_activations": None,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": {
+                    "actorder": None,
+                    "block_structure": None,
+                    "dynamic": False,
+                    "group_size": GROUP_SIZE,
+                    "num_bits": 4,
+                    "observer": "minmax",
+                    "observer_kwargs": {},
+                    "strategy": "group",
+                    "symmetric": True,
+                    "type": "int",
+                },
+            }
+        },
+        "format": "pack-quantized",
+        "ignore": [
+            "lm_head",
+            "re:.*self_attn.*",
+            "re:.*shared_experts.*",
+            "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+        ],
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
+
+
+def _torch_config(raw: dict[str, Any]) -> DeepseekV3Config:
+    kwargs = {k: copy.deepcopy(v) for k, v in raw.items() if k != "quantization_config"}
+    kwargs.pop("architectures", None)
+    kwargs.pop("model_type", None)
+    kwargs["num_nextn_predict_layers"] = 0
+    kwargs["num_mtp_layers"] = 0
+    cfg = DeepseekV3Config(**kwargs)
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+_SCHEME = QuantizationScheme(
+    targets=["Linear"],
+    weights=QuantizationArgs(
+        num_bits=4, type="int", strategy="group", group_size=GROUP_SIZE, symmetric=True
+    ),
+)
+
+
+def pack_int4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """compressed-tensors' packing of one [O, I] weight: weight_packed, weight_scale, weight_shape.
+
+    Scales come from compressed-tensors' own ``calculate_qparams`` over each group's min/max
+    (symmetric: amax / 7.5), rounded to bf16 as the checkpoint stores them.
+    """
+    out_dim, in_dim = weight.shape
+    groups = weight.float().reshape(out_dim, in_dim // GROUP_SIZE, GROUP_SIZE)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), _SCHEME.weights)
+    scale = scale.to(torch.bfloat16)
+    compressed = PackedQuantizationCompressor.compress(
+        {"weight": weight.float(), "weight_scale": scale.float()}, _SCHEME
+    )
+    return {
+        "weight_packed": compressed["weight_packed"].contiguous(),
+        "weight_scale": scale.contiguous(),
+        "weight_shape": compressed["weight_shape"].to(torch.int64),
+    }
+
+
+def unpack_int4(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """compressed-tensors' decompression, done in float32 (exact products)."""
+    out = PackedQuantizationCompressor.decompress(
+        {
+            "weight_packed": packed["weight_packed"],
+            "weight_scale": packed["weight_scale"].float(),
+            "weight_shape": packed["weight_shape"],
+        },
+        _SCHEME,
+    )
+    return out["weight"].float()
+
+
+class ReferenceModel:
+    """A transformers model plus the K2-format tensors that reproduce it exactly."""
+
+    def __init__(self, raw: dict[str, Any], torch_model: DeepseekV3ForCausalLM, tensors: dict):
+        self.raw = raw
+        self.torch_model = torch_model
+        self.tensors = tensors  # HF name -> torch tensor, as written to disk
+
+    def logits(self, token_ids) -> torch.Tensor:
+        with torch.no_grad():
+            ids = torch.as_tensor(token_ids, dtype=torch.long)
+            return self.torch_model(input_ids=ids).logits.float()
+
+
+def build(seed: int = 0, router_scale: float = 3.0, bias_scale: float = 0.05, **overrides):
+    """A random tiny K2 model: returns a ReferenceModel (transformers, float32)."""
+    raw = hf_config_dict(**overrides)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = DeepseekV3ForCausalLM(_torch_config(raw)).float().eval()
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=gen) * std
+
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate_up_proj") or name.endswith("experts.down_proj"):
+                continue
+            if "layernorm" in name or name.endswith("norm.weight"):
+                p.copy_(1.0 + randn(*p.shape, std=0.1))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(randn(*p.shape))
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(randn(*p.shape, std=router_scale / p.shape[1] ** 0.5))
+            else:
+                p.copy_(randn(*p.shape, std=1.0 / p.shape[-1] ** 0.5))
+            p.copy_(p.to(torch.bfloat16).float())
+            tensors[name] = p.detach().to(torch.bfloat16).clone()
+        for i, layer in enumerate(model.model.layers):
+            prefix = f"model.layers.{i}.mlp"
+            if not hasattr(layer.mlp, "experts"):
+                continue
+            bias = randn(raw["n_routed_experts"], std=bias_scale)
+            layer.mlp.gate.e_score_correction_bias.copy_(bias)
+            tensors[f"{prefix}.gate.e_score_correction_bias"] = bias.float().clone()
+            experts = layer.mlp.experts
+            m, d = raw["moe_intermediate_size"], raw["hidden_size"]
+            for e in range(raw["n_routed_experts"]):
+                w = {
+                    "gate_proj": randn(m, d, std=d**-0.5),
+                    "up_proj": randn(m, d, std=d**-0.5),
+                    "down_proj": randn(d, m, std=m**-0.5),
+                }
+                deq = {}
+                for proj, weight in w.items():
+                    packed = pack_int4(weight)
+                    for key, t in packed.items():
+                        tensors[f"{prefix}.experts.{e}.{proj}.{key}"] = t
+                    deq[proj] = unpack_int4(packed)
+                experts.gate_up_proj[e].copy_(torch.cat([deq["gate_proj"], deq["up_proj"]], 0))
+                experts.down_proj[e].copy_(deq["down_proj"])
+    return ReferenceModel(raw, model, tensors)
+
+
+def write_checkpoint(ref: ReferenceModel, out_dir: str | os.PathLike) -> str:
+    """Write ``ref`` in K2 Thinking's on-disk layout; returns the directory."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    n_layers = ref.raw["num_hidden_layers"]
+    n_dense = ref.raw["first_k_dense_replace"]
+
+    def shard_of(name: str) -> str:
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            index = 0 if layer < n_dense else 1 + layer - n_dense
+        else:
+            index = n_layers - n_dense + 1
+        return f"model-{index + 1:05d}-of-{n_layers - n_dense + 2:05d}.safetensors"
+
+    for name, t in ref.tensors.items():
+        shards.setdefault(shard_of(name), {})[name] = t
+    weight_map = {}
+    for shard, content in sorted(shards.items()):
+        save_file(content, os.path.join(out_dir, shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in content})
+    total = sum(t.numel() * t.element_size() for t in ref.tensors.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(ref.raw, f, indent=1)
+    return out_dir
