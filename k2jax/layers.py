@@ -45,7 +45,8 @@ class RMSNorm(nn.Module):
         w = param(self, "scale", (self.dim,), (self.axis_name,), self.dtype, nn.initializers.ones)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return w.astype(x.dtype) * normed.astype(x.dtype)
+        w = w.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (self.dim,))
+        return w * normed.astype(x.dtype)
 
 
 class MLP(nn.Module):

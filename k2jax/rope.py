@@ -45,7 +45,7 @@ def inv_frequencies(cfg: Config) -> np.ndarray:
 def rope_tables(cfg: Config, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos and sin, float32 [B, T, R/2], for integer positions (negative ones are padding)."""
     inv_freq = jnp.asarray(inv_frequencies(cfg))
-    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     factor = cfg.rope_attention_factor
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 

@@ -272,3 +272,37 @@ def write_checkpoint(ref: ReferenceModel, out_dir: str | os.PathLike) -> str:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(ref.raw, f, indent=1)
     return out_dir
+
+
+# The parity configs every numeric test runs: each changes one thing the model must get right.
+PARITY_CONFIGS: dict[str, dict[str, Any]] = {
+    # K2 Thinking's own shape: YaRN factor 64 with the beta_fast = beta_slow = 1 step.
+    "k2": {},
+    # DeepSeek-V3 style group-limited routing, and two dense layers before the MoE stack.
+    "grouped": {
+        "n_group": 4,
+        "topk_group": 2,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 2,
+    },
+    # Value heads wider than the nope key heads, and plain RoPE (no scaling).
+    "wide_values": {"v_head_dim": 24, "rope_scaling": None, "rope_theta": 10000.0},
+    # A wide YaRN ramp (beta_fast 32 over 16 rope dims): dims 2..6 interpolate partially.
+    "yarn_ramp": {
+        "qk_rope_head_dim": 16,
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        },
+    },
+}
+
+K2_CONFIG_PATH = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "k2", "kimi-k2-thinking.config.json"
+)
