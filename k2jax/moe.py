@@ -30,7 +30,7 @@ def route(
         precision=jax.lax.Precision.HIGHEST,
     )
     scores_TE = jax.nn.sigmoid(logits_TE)
-    biased_TE = scores_TE + bias_E.astype(jnp.float32)
+    biased_TE = scores_TE + bias_E.astype(jnp.float32)[None, :]
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
         t, e = biased_TE.shape
         grouped_TGX = biased_TE.reshape(t, cfg.n_group, e // cfg.n_group)
