@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convert import checkpoint_format
 from convert.hf_reader import HFCheckpoint, place_all
 from k2jax import model as k2model
 from k2jax.config import Config
@@ -66,21 +67,55 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     )
 
 
+def _shardings(cfg: Config, mesh, dtype) -> dict:
+    """Where each parameter lives: the decode rules table given a mesh, else one device."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, k2model.abstract_params(cfg, dtype))
+    from sharding.rules import param_shardings
+
+    return param_shardings(cfg, mesh, dtype=dtype, strategy="decode")
+
+
+def load_converted(path: str | os.PathLike, dtype, mesh=None) -> tuple[Config, dict]:
+    """Restore a converted k2jax checkpoint, every array straight into its sharding.
+
+    Arrays are stored in the converter's dtype; loading at a wider ``dtype`` (bfloat16 stored,
+    float32 asked) widens exactly, a narrower one rounds.
+    """
+    path = os.fspath(path)
+    checkpoint_format.read_manifest(path)  # refuses unfinished or foreign directories first
+    cfg = Config.from_hf(os.path.join(path, "config.json"))
+    abstract = k2model.abstract_params(cfg, dtype)
+    params = checkpoint_format.restore_params(path, abstract, _shardings(cfg, mesh, dtype))
+    return cfg, params
+
+
 def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None) -> Model:
-    """Load a model from an HF K2-format checkpoint directory.
+    """Load a model from a converted k2jax checkpoint or an HF K2-format checkpoint directory.
 
     ``dtype`` is the activation and dense-weight dtype ("bfloat16", or "float32" for parity
-    work); routed experts stay INT4 (packed int32 words + bf16 group scales) either way.
+    work); routed experts stay INT4 (packed int32 words + bf16 group scales) either way. With a
+    ``mesh``, every param is placed by the decode rules table (``sharding.rules``); a converted
+    checkpoint is restored shard by shard without a host copy of the model, an HF directory is
+    assembled on the host first (fine for small models; convert the real one).
     """
     dtype = _resolve_dtype(dtype)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if checkpoint_format.is_converted_checkpoint(path):
+        cfg, params = load_converted(path, dtype, mesh)
+        return Model(cfg, params, dtype, mesh)
     if not is_hf_checkpoint(path):
+        if os.path.isfile(os.path.join(path, "state.json")) or path.endswith(".partial"):
+            raise FileNotFoundError(
+                f"{path}: an unfinished conversion (no manifest); rerun the converter with --resume"
+            )
         raise FileNotFoundError(
             f"{path}: not a checkpoint directory (no model.safetensors.index.json, "
             "model.safetensors or converted k2jax checkpoint)"
         )
     cfg, host_params = read_hf_params(path, dtype)
-    params = jax.device_put(host_params)
+    params = jax.device_put(host_params, _shardings(cfg, mesh, dtype))
     return Model(cfg, params, dtype, mesh)

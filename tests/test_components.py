@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import reference
 import torch
-from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 import k2jax
 from k2jax import rope
@@ -69,7 +68,9 @@ def test_router_choice_and_weights(pair):
     with torch.no_grad():
         _, want_w, want_ids = layer.mlp.gate(x)
     p = _layer(model.params, "moe_layers")["moe"]
-    ids, w = route(model.config, jnp.asarray(x.numpy()), p["w_router"], p["e_score_correction_bias"])
+    ids, w = route(
+        model.config, jnp.asarray(x.numpy()), p["w_router"], p["e_score_correction_bias"]
+    )
     order_ref = want_ids.argsort(-1)
     order_ours = np.argsort(np.asarray(ids), -1)
     np.testing.assert_array_equal(
@@ -129,7 +130,7 @@ def test_scanned_equals_unrolled(pair):
     positions = jnp.broadcast_to(jnp.arange(10), tokens.shape)
     kw = dict(cfg=model.config, dtype=jnp.float32)
     scanned, _ = jax.jit(lambda p, t: k2model.forward(p, t, positions, **kw))(model.params, tokens)
-    unrolled, _ = jax.jit(
-        lambda p, t: k2model.forward(p, t, positions, scan_layers=False, **kw)
-    )(model.params, tokens)
+    unrolled, _ = jax.jit(lambda p, t: k2model.forward(p, t, positions, scan_layers=False, **kw))(
+        model.params, tokens
+    )
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), atol=2e-5, rtol=1e-5)

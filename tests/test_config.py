@@ -16,10 +16,16 @@ def _k2():
 def test_real_k2_thinking_config():
     cfg = Config.from_hf(reference.K2_CONFIG_PATH)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_dense_layers, cfg.num_moe_layers) == (
-        7168, 61, 1, 60,
+        7168,
+        61,
+        1,
+        60,
     )
     assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (
-        384, 8, 1, 1,
+        384,
+        8,
+        1,
+        1,
     )
     assert cfg.quantization.kind == "int4" and cfg.quantization.group_size == 32
     assert cfg.cache_width == 576
@@ -30,7 +36,9 @@ def test_real_k2_thinking_config():
 def test_k2_instruct_fp8_config():
     raw = _k2()
     raw["quantization_config"] = {
-        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
         "weight_block_size": [128, 128],
     }
     raw["rope_scaling"] = dict(raw["rope_scaling"], factor=32.0)
@@ -42,8 +50,15 @@ def test_k2_instruct_fp8_config():
 
 def test_deepseek_v3_style_config():
     raw = _k2()
-    raw.update(n_group=8, topk_group=4, n_routed_experts=256, first_k_dense_replace=3,
-               num_nextn_predict_layers=1, rope_scaling=None, routed_scaling_factor=2.5)
+    raw.update(
+        n_group=8,
+        topk_group=4,
+        n_routed_experts=256,
+        first_k_dense_replace=3,
+        num_nextn_predict_layers=1,
+        rope_scaling=None,
+        routed_scaling_factor=2.5,
+    )
     cfg = Config.from_hf(raw)
     assert (cfg.n_group, cfg.topk_group, cfg.num_dense_layers) == (8, 4, 3)
     assert cfg.rope_scaling.factor == 1.0 and cfg.rope_attention_factor == 1.0

@@ -1,0 +1,72 @@
+"""``python -m convert HF_DIR OUT_DIR`` (installed as ``k2jax-convert``): HF K2 -> k2jax checkpoint.
+
+Exit status: 0 done, 1 the output could not be written as asked, 2 the source checkpoint is
+bad (nothing was written), 130 interrupted (``OUT_DIR.partial`` is left for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="k2jax-convert",
+        description="Convert a Kimi K2 Thinking HF checkpoint (INT4 compressed-tensors) into a "
+        "k2jax checkpoint that k2jax.load restores straight onto a mesh.",
+    )
+    p.add_argument("hf_dir", help="HF checkpoint directory (config.json, index, shards)")
+    p.add_argument("out_dir", help="output directory; written as OUT_DIR.partial, then renamed")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="storage dtype of the non-expert weights (INT4 experts are kept packed)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue OUT_DIR.partial")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR / OUT_DIR.partial")
+    p.add_argument(
+        "--verify", action="store_true", help="re-read the source and compare every array"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # The converter only moves bytes; it must not grab an accelerator on a TPU VM.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from convert.converter import ConvertError, convert
+    from convert.hf_reader import CheckpointError
+    from k2jax.config import ConfigError
+
+    try:
+        convert(
+            args.hf_dir,
+            args.out_dir,
+            dtype=args.dtype,
+            resume=args.resume,
+            force=args.force,
+            verify=args.verify,
+            quiet=args.quiet,
+        )
+    except (CheckpointError, ConfigError) as e:
+        print(f"k2jax-convert: bad source checkpoint: {e}", file=sys.stderr)
+        return 2
+    except ConvertError as e:
+        print(f"k2jax-convert: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\nk2jax-convert: interrupted; {os.path.abspath(args.out_dir)}.partial is kept, "
+            "rerun with --resume to continue",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
