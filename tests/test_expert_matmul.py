@@ -1,0 +1,158 @@
+"""Every routed-expert formulation equals dequantize-in-float32-then-matmul.
+
+Weights are quantized here and packed by compressed-tensors' own ``pack_to_int32`` (the
+checkpoint's packer), with -8 present so some words have the top bit set.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+from k2jax import int4_pallas
+from k2jax.expert_matmul import (
+    IMPLS,
+    Int4Weight,
+    choose_impl,
+    routed_experts,
+    to_int4_layout,
+)
+from k2jax.quant import QuantizedWeight
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+D, M, GS = 256, 128, 32
+
+
+def _quantized(rng, e, out, inp):
+    """Packed by compressed-tensors; returns (QuantizedWeight, float32 dense [E, O, I])."""
+    q = rng.integers(-8, 8, (e, out, inp)).astype(np.int8)
+    q[..., 7] = -8  # nibble 0 in the top position of word 0: offset 8 -> top bit clear; and
+    q[..., 15] = 7  # nibble 15 there: the word's top bit set
+    scale = rng.uniform(0.01, 0.1, (e, out, inp // GS)).astype(ml_dtypes.bfloat16)
+    packed = pack_to_int32(torch.from_numpy(q), 4).numpy()
+    assert packed.dtype == np.int32 and (packed < 0).any()
+    dense = q.astype(np.float32) * np.repeat(scale.astype(np.float32), GS, axis=-1)
+    w = QuantizedWeight(jnp.asarray(packed), jnp.asarray(scale), GS)
+    return w, dense
+
+
+@pytest.fixture(scope="module")
+def experts():
+    rng = np.random.default_rng(0)
+    gate, gate_f = _quantized(rng, 6, M, D)
+    up, up_f = _quantized(rng, 6, M, D)
+    down, down_f = _quantized(rng, 6, D, M)
+    return (gate, up, down), (gate_f, up_f, down_f)
+
+
+def _reference(x, ids, wts, dense, offset, act_dtype=None):
+    """float64 SwiGLU of float32-dequantized experts; act_dtype rounds the matmul inputs."""
+
+    def rnd(a):
+        return a if act_dtype is None else np.asarray(a, act_dtype).astype(np.float64)
+
+    gate_f, up_f, down_f = (np.asarray(a, np.float64) for a in dense)
+    y = np.zeros((x.shape[0], down_f.shape[1]))
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = ids[t, k] - offset
+            if not 0 <= e < gate_f.shape[0]:
+                continue
+            xt = rnd(x[t].astype(np.float64))
+            g, u = gate_f[e] @ xt, up_f[e] @ xt
+            h = rnd(g / (1 + np.exp(-g)) * u)
+            y[t] += wts[t, k] * (down_f[e] @ h)
+    return y
+
+
+def _inputs(t, k, num_ids, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, D)).astype(np.float32)
+    # Few distinct experts so some local experts get no tokens (empty groups).
+    ids = rng.choice(num_ids, size=(t, k), replace=True).astype(np.int32)
+    wts = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
+    return x, ids, wts
+
+
+def test_int4_layout_is_exact(experts):
+    (gate, _, down), (gate_f, _, down_f) = experts
+    for w, dense in ((gate, gate_f), (down, down_f)):
+        np.testing.assert_array_equal(np.asarray(w.dequantize()), dense)
+        np.testing.assert_array_equal(np.asarray(to_int4_layout(w).dequantize()), dense)
+
+
+@pytest.mark.parametrize("layout", ["words", "int4"])
+@pytest.mark.parametrize("t,k,offset", [(1, 2, 0), (6, 4, 3)])
+def test_formulations_match_float32_reference(experts, layout, t, k, offset):
+    weights, dense = experts
+    if layout == "int4":
+        weights = tuple(to_int4_layout(w) for w in weights)
+        impls = ("naive", "int4_unrolled", "pallas")
+    else:
+        impls = ("naive", "words_decode", "words_tiled")
+    # ids span [0, 12): with offset 3 the choices below 3 and from 9 on belong to other shards.
+    x, ids, wts = _inputs(t, k, 12 if offset else 4, seed=t * 10 + k)
+    for impl in impls:
+        # The Pallas kernel feeds the MXU bf16 activations; its reference rounds them alike.
+        act = ml_dtypes.bfloat16 if impl == "pallas" else None
+        x_in = x if act is None else x.astype(act).astype(np.float32)
+        y = routed_experts(
+            jnp.asarray(x_in),
+            jnp.asarray(ids),
+            jnp.asarray(wts),
+            *weights,
+            expert_offset=offset,
+            impl=impl,
+        )
+        ref = _reference(x_in, ids, wts, dense, offset, act_dtype=act)
+        scale = np.abs(ref).max() + 1e-30
+        # float32 rounding of sums over a few hundred terms; bf16 rounding of h (pallas) can
+        # move a product by half a bf16 ulp (2^-9) when f32 and f64 round differently.
+        tol = 2e-3 if act is not None else 2e-6
+        np.testing.assert_allclose(
+            np.asarray(y, np.float64) / scale, ref / scale, atol=tol, err_msg=impl
+        )
+
+
+def test_pallas_kernel_exact_per_projection(experts):
+    """The kernel alone, bf16 activations: equal to float32 dequantize-then-matmul."""
+    (gate, _, down), (gate_f, _, down_f) = experts
+    rng = np.random.default_rng(3)
+    for w, dense in ((gate, gate_f), (down, down_f)):
+        w4 = to_int4_layout(w)
+        inp = dense.shape[2]
+        tile_expert = np.array([4, 0, 0, 2], np.int32)  # tile 3 is past num_tiles: skipped
+        x = rng.standard_normal((32, inp)).astype(ml_dtypes.bfloat16)
+        x_grs = jnp.asarray(x).reshape(32, inp // GS, GS).swapaxes(0, 1)
+        out = int4_pallas.grouped_int4_matmul(
+            x_grs,
+            jnp.asarray(tile_expert),
+            jnp.array([3], jnp.int32),
+            w4.values,
+            w4.scale,
+            tm=8,
+            interpret=True,
+        )
+        xf = x.astype(np.float64)
+        ref = np.concatenate(
+            [
+                xf[8 * i : 8 * i + 8] @ dense[e].T.astype(np.float64)
+                for i, e in enumerate(tile_expert[:3])
+            ]
+            + [np.zeros((8, dense.shape[1]))]
+        )
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_every_impl_is_covered_and_choice_is_by_layout():
+    assert set(IMPLS) == {"naive", "words_decode", "words_tiled", "int4_unrolled", "pallas"}
+    words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
+    assert choose_impl(words, 8) == "naive"
+    assert choose_impl(words, 4096) == "words_tiled"
+    assert isinstance(to_int4_layout(words), Int4Weight)
+    if jax.default_backend() == "cpu":
+        assert choose_impl(to_int4_layout(words), 8) == "int4_unrolled"
