@@ -11,12 +11,15 @@ layer count); ``scan_layers=False`` unrolls the same params layer by layer (for 
 debugging). The paged KV cache, when given, is carried through the scan and updated in place.
 
 Logical axis names of every parameter come from ``param_axes``; ``sharding`` maps them to mesh
-axes. This module never imports ``sharding`` or ``convert``.
+axes. Activations carry logical hints (``act_batch``, ``vocab``) that take effect only under
+``flax.linen.logical_axis_rules`` and a mesh (``jax.set_mesh``); without them they are no-ops.
+This module never imports ``sharding`` or ``convert``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -26,10 +29,26 @@ from k2jax import kv_cache
 from k2jax.attention import MLAttention
 from k2jax.config import Config
 from k2jax.layers import MLP, RMSNorm, fan_in_init, param
-from k2jax.moe import MoE
+from k2jax.moe import MoE, mesh_axes
 from k2jax.rope import rope_tables
 
 STACKS = ("dense_layers", "moe_layers")
+
+
+def hint(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """``x`` constrained to the mesh axes the context's logical rules give ``names``.
+
+    A dimension its mesh axes do not divide (batch 1 over data=2) is left to the partitioner:
+    an uneven split would pad every replica's activations. No-op without a mesh or rules.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not nn.get_logical_axis_rules():
+        return x
+    names = tuple(
+        n if n is None or size % math.prod(mesh.shape[a] for a in mesh_axes(n)) == 0 else None
+        for n, size in zip(names, x.shape, strict=True)
+    )
+    return nn.with_logical_constraint(x, names)
 
 
 class Block(nn.Module):
@@ -164,6 +183,9 @@ def forward(
     head = Head(cfg, dtype)
     head_params = {k: params[k] for k in ("embed", "final_norm", "lm_head")}
     x_BTD = head.apply({"params": head_params}, tokens_BT, method=Head.embed_tokens)
+    # The residual stream is split by batch only; without this hint the partitioner may keep
+    # the vocab-split embedding's layout and reshard inside every layer.
+    x_BTD = hint(x_BTD, ("act_batch", None, None))
     cos, sin = rope_tables(cfg, positions_BT)
     pages = None if cache is None else cache.pages
     layer = 0
@@ -179,6 +201,7 @@ def forward(
             x, pages = block.apply(
                 {"params": layer_params}, x, cos, sin, positions_BT, layer_cache, layer
             )
+            x = hint(x, ("act_batch", None, None))
             return (x, pages, layer + 1), None
 
         carry = (x_BTD, pages, jnp.asarray(layer, jnp.int32))
@@ -195,4 +218,5 @@ def forward(
 def lm_logits(params: dict, x_BTD: jax.Array, *, cfg: Config, dtype=jnp.bfloat16) -> jax.Array:
     """float32 logits [B, T, V] from final hidden states."""
     head_params = {k: params[k] for k in ("embed", "final_norm", "lm_head")}
-    return Head(cfg, dtype).apply({"params": head_params}, x_BTD, method=Head.logits)
+    logits_BTV = Head(cfg, dtype).apply({"params": head_params}, x_BTD, method=Head.logits)
+    return hint(logits_BTV, ("act_batch", None, "vocab"))

@@ -5,13 +5,23 @@ s + e_score_correction_bias, first keeping the ``topk_group`` groups whose top-t
 sum highest (the rest are masked out), then the top K experts. The mixing weights are the
 UNbiased s of the chosen experts, normalized to sum 1 (+1e-20) when ``norm_topk_prob``, times
 ``routed_scaling_factor``.
+
+Expert parallelism: when a mesh is set (``jax.set_mesh``) and the flax logical-axis rules map
+``experts`` to mesh axes, the routed experts run in a ``shard_map`` over those axes. Each device
+applies only its own E / n experts (``expert_offset``) to the tokens that chose them, and the
+partial outputs are combined by one collective (a psum, or a psum_scatter where the tokens are
+split over an expert axis too). Without a mesh or rules the plain single-device path runs. The
+model only reads the rules from the context; it never imports ``sharding``.
 """
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from k2jax.config import Config
 from k2jax.expert_matmul import routed_experts
@@ -87,13 +97,89 @@ class Experts(nn.Module):
         return QuantizedWeight(packed, scale, g)
 
     @nn.compact
-    def __call__(self, x_TD, ids_TK, weights_TK, expert_offset=0):
+    def __call__(self, x_TD, ids_TK, weights_TK, expert_offset=0, batch=1):
+        """Routed output [T, D]; the T tokens come from ``batch`` sequences of T / batch each.
+
+        ``batch`` only matters under expert parallelism: tokens are split over the batch's mesh
+        axes when ``batch`` divides by them, so the split matches the residual stream's.
+        """
         c = self.cfg
         d, m = c.hidden_size, c.moe_intermediate_size
         gate = self._int4("gate", m, d, ("expert_mlp", "expert_embed"))
         up = self._int4("up", m, d, ("expert_mlp", "expert_embed"))
         down = self._int4("down", d, m, ("expert_embed", "expert_mlp"))
-        return routed_experts(x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=expert_offset)
+        expert_axes = mesh_axes("experts")
+        if not expert_axes:
+            return routed_experts(
+                x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=expert_offset
+            )
+        return _expert_parallel(x_TD, ids_TK, weights_TK, (gate, up, down), expert_axes, batch)
+
+
+def mesh_axes(logical: str) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that the context's logical rules give ``logical``; () if none."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not nn.get_logical_axis_rules():
+        return ()
+    (entry,) = nn.logical_to_mesh_axes((logical,))
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
+    """``routed_experts`` in a shard_map: each device its own experts, one combining collective.
+
+    Tokens stay split as ``act_batch`` says where that divides them. Token axes that are also
+    expert axes (prefill) are all-gathered on the way in, since every expert shard must see every
+    token that may choose it, and reduce-scattered on the way out; the remaining expert axes are
+    summed with one psum (decode: the only collective).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    num_experts = weights[0].packed.shape[0]
+    shards = math.prod(mesh.shape[a] for a in expert_axes)
+    if num_experts % shards:
+        raise ValueError(
+            f"{num_experts} routed experts cannot be split over mesh axes {expert_axes} "
+            f"({shards} devices)"
+        )
+    local = num_experts // shards
+    token_axes = mesh_axes("act_batch")
+    gathered = tuple(a for a in token_axes if a in expert_axes)
+    # Gathering is only contiguous when the gathered axes are the minor end of the token split.
+    if (
+        batch % math.prod(mesh.shape[a] for a in token_axes)
+        or token_axes[len(token_axes) - len(gathered) :] != gathered
+    ):
+        token_axes, gathered = (), ()
+    summed = tuple(a for a in expert_axes if a not in gathered)
+    tok = PartitionSpec(token_axes or None)
+    exp = PartitionSpec(expert_axes)
+    arrays = [a for w in weights for a in (w.packed, w.scale)]
+    groups = [w.group_size for w in weights]
+
+    def body(x_TD, ids_TK, weights_TK, *arrays):
+        if gathered:
+            x_TD, ids_TK, weights_TK = (
+                jax.lax.all_gather(a, gathered, axis=0, tiled=True)
+                for a in (x_TD, ids_TK, weights_TK)
+            )
+        gate, up, down = (
+            QuantizedWeight(arrays[2 * i], arrays[2 * i + 1], g) for i, g in enumerate(groups)
+        )
+        offset = jax.lax.axis_index(expert_axes) * local
+        y_TD = routed_experts(x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=offset)
+        if summed:
+            y_TD = jax.lax.psum(y_TD, summed)
+        if gathered:
+            y_TD = jax.lax.psum_scatter(y_TD, gathered, scatter_dimension=0, tiled=True)
+        return y_TD
+
+    # check_vma=False: routed_experts may branch (lax.cond) on data whose per-device variance the
+    # checker cannot match across branches; the psum / psum_scatter above are explicit anyway.
+    in_specs = (tok, tok, tok, *([exp] * len(arrays)))
+    return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
+        x_TD, ids_TK, weights_TK, *arrays
+    )
 
 
 class MoE(nn.Module):
@@ -121,7 +207,7 @@ class MoE(nn.Module):
         with jax.named_scope("router"):
             ids_TK, weights_TK = route(c, x_TD, w_router, bias)
         with jax.named_scope("routed_experts"):
-            routed_TD = Experts(c, self.dtype, name="experts")(x_TD, ids_TK, weights_TK)
+            routed_TD = Experts(c, self.dtype, name="experts")(x_TD, ids_TK, weights_TK, batch=b)
         routed_BTD = routed_TD.reshape(b, t, d)
         if not c.n_shared_experts:
             return routed_BTD

@@ -1,0 +1,89 @@
+"""TPU chips and slice names: per-chip HBM and bandwidth, and slice name -> topology string.
+
+Slice names follow Cloud TPU: ``v5e-N`` and ``v6e-N`` count chips; ``v5p-N`` and ``tpu7x-N``
+count TensorCores, two a chip (a v5p-64 is 32 chips). The topology strings are what
+``jax.experimental.topologies.get_topology_desc(topology_name=..., platform="tpu")`` takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU chip: HBM bytes, HBM bandwidth (bytes/s), TensorCores a slice name counts."""
+
+    name: str
+    hbm_bytes: int
+    hbm_bandwidth: float
+    cores_per_chip_in_name: int
+
+
+# Figures from ../shared/K2_REFERENCE.md ("Sizes that set the hardware").
+CHIPS: dict[str, Chip] = {
+    "v5e": Chip("v5e", 16 * 10**9, 819e9, 1),
+    "v5p": Chip("v5p", 95 * GIB, 2765e9, 2),
+    "v6e": Chip("v6e", 32 * 10**9, 1638e9, 1),
+    "tpu7x": Chip("tpu7x", 192 * GIB, 7.4e12, 2),
+}
+
+# Chips -> physical topology. 2-D tori for v5e/v6e, 3-D for v5p and TPU7x.
+_TOPOLOGY_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
+_TOPOLOGY_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "4x4x2",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """A named slice: its chip, chip count and ``get_topology_desc`` name."""
+
+    name: str
+    chip: Chip
+    chips: int
+    topology: str
+
+
+def resolve(name: str) -> Slice:
+    """``"v5p-64"`` -> Slice(v5p, 32 chips, "v5p:4x4x2"); also accepts ``"v6e:8x8"`` itself."""
+    m = re.fullmatch(r"(v5e|v5p|v6e|tpu7x)-(\d+)", name)
+    if m:
+        chip = CHIPS[m.group(1)]
+        cores = int(m.group(2))
+        if cores % chip.cores_per_chip_in_name:
+            raise ValueError(f"{name}: {chip.name} slice names count TensorCores, two a chip")
+        chips = cores // chip.cores_per_chip_in_name
+        table = _TOPOLOGY_2D if chip.name in ("v5e", "v6e") else _TOPOLOGY_3D
+        if chips not in table:
+            raise ValueError(f"{name}: no known {chip.name} topology of {chips} chips")
+        return Slice(name, chip, chips, f"{chip.name}:{table[chips]}")
+    m = re.fullmatch(r"(v5e|v5p|v6e|tpu7x):(\d+(?:x\d+)+)", name)
+    if m:
+        dims = [int(d) for d in m.group(2).split("x")]
+        chips = 1
+        for d in dims:
+            chips *= d
+        return Slice(name, CHIPS[m.group(1)], chips, name)
+    raise ValueError(
+        f"unknown topology {name!r}: use e.g. v5e-16, v5p-64, v6e-64, tpu7x-8 or v5p:4x4x2"
+    )
