@@ -94,25 +94,35 @@ def to_int4_layout(w: QuantizedWeight) -> Int4Weight:
     )
 
 
-def runtime_layout(w: QuantizedWeight, backend: str | None = None) -> QuantizedWeight | Int4Weight:
-    """The resident layout ``routed_experts`` is fastest with on ``backend`` (default: JAX's).
+def target_platform() -> str:
+    """The platform the program being traced runs on: the context mesh's devices if a mesh is
+    set (so ahead-of-time compilation for a TPU topology from a CPU host picks TPU forms), else
+    JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
 
-    TPU: ``Int4Weight`` (native int4). Elsewhere: ``w`` unchanged (int4 arrays take a byte per
-    element on the CPU, so packed words are what keeps 4.5 bits per weight there).
-    """
-    backend = backend or jax.default_backend()
-    return to_int4_layout(w) if backend == "tpu" else w
+
+def expert_layout_for(platform: str | None = None) -> str:
+    """The resident expert layout for ``platform``: ``"int4"`` (``Int4Weight``) on TPU, which
+    stores int4 packed; ``"words"`` (``QuantizedWeight``) elsewhere, where ``jnp.int4`` takes a
+    byte per element and packed words are what keep 4.5 bits per weight."""
+    return "int4" if (platform or target_platform()) == "tpu" else "words"
+
+
+def runtime_layout(w: QuantizedWeight, backend: str | None = None) -> QuantizedWeight | Int4Weight:
+    """``w`` in the resident layout ``routed_experts`` is fastest with on ``backend``."""
+    return to_int4_layout(w) if expert_layout_for(backend) == "int4" else w
 
 
 def choose_impl(w: QuantizedWeight | Int4Weight | jax.Array, num_pairs: int) -> str:
     """The formulation for weight layout ``w`` and ``num_pairs`` = T * K; the one backend choice."""
     if isinstance(w, Int4Weight):
-        if jax.default_backend() == "tpu":
+        if target_platform() == "tpu":
             return "pallas"
         return "int4_unrolled" if num_pairs <= UNROLL_MAX_PAIRS else "naive"
     if isinstance(w, QuantizedWeight):
-        # Measured (docs/int4.md): on XLA:CPU dequantizing the chosen experts to float32 and
-        # running a plain dot beats the fused shift-multiply-sum of words_decode.
         return "naive" if num_pairs <= CPU_DECODE_MAX_PAIRS else "words_tiled"
     return "naive"
 
@@ -139,7 +149,7 @@ def routed_experts(
     impl = impl or choose_impl(gate_EMD, num_tokens * k)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    num_local = _num_experts(gate_EMD)
+    num_local = num_experts(gate_EMD)
     local_TK = expert_ids_TK - expert_offset
     mine_TK = (local_TK >= 0) & (local_TK < num_local)
     weights_TK = jnp.where(mine_TK, weights_TK, 0.0).astype(jnp.float32)
@@ -155,7 +165,7 @@ def routed_experts(
     return y_TD.astype(x_TD.dtype)
 
 
-def _num_experts(w) -> int:
+def num_experts(w) -> int:
     if isinstance(w, QuantizedWeight):
         return w.packed.shape[0]
     if isinstance(w, Int4Weight):
@@ -320,7 +330,7 @@ def _tile_pairs(local_TK, mine_TK, num_local: int, tm: int) -> _Tiles:
 def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project):
     """Scatter pairs into tiles, SwiGLU through ``project(x_RI, w, tiles)``, gather back."""
     t, k = local_TK.shape
-    tiles = _tile_pairs(local_TK, mine_TK, _num_experts(gate), tm)
+    tiles = _tile_pairs(local_TK, mine_TK, num_experts(gate), tm)
     x_RD = jnp.zeros((tiles.rows, x_TD.shape[1]), x_TD.dtype)
     x_RD = x_RD.at[tiles.row_sorted].set(x_TD[tiles.order_P // k], mode="drop")
     h_RM = _swiglu(project(x_RD, gate, tiles), project(x_RD, up, tiles))

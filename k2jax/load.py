@@ -16,6 +16,7 @@ from convert import checkpoint_format
 from convert.hf_reader import HFCheckpoint, place_all
 from k2jax import model as k2model
 from k2jax.config import Config
+from k2jax.expert_matmul import expert_layout_for
 from k2jax.loaded_model import Model
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -67,14 +68,39 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     )
 
 
-def _shardings(cfg: Config, mesh, dtype) -> dict:
+def _shardings(cfg: Config, mesh, dtype, expert_layout: str = "words") -> dict:
     """Where each parameter lives: the decode rules table given a mesh, else one device."""
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, k2model.abstract_params(cfg, dtype))
+        return jax.tree.map(lambda _: device, k2model.abstract_params(cfg, dtype, expert_layout))
     from sharding.rules import param_shardings
 
-    return param_shardings(cfg, mesh, dtype=dtype, strategy="decode")
+    return param_shardings(cfg, mesh, dtype=dtype, strategy="decode", expert_layout=expert_layout)
+
+
+def _platform(mesh) -> str:
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def _to_runtime_layout(cfg: Config, params: dict, mesh, dtype, layout: str) -> dict:
+    """The routed experts repacked once into ``layout`` (int4 on TPU), landing sharded.
+
+    One projection at a time, each checkpoint-layout array dropped as soon as it is repacked
+    (``params`` is consumed), so the transient extra memory is one projection's stack rather
+    than all experts twice.
+    """
+    if layout == "words":
+        return params
+    target = _shardings(cfg, mesh, dtype, layout)["moe_layers"]["moe"]["experts"]
+    experts = params["moe_layers"]["moe"].pop("experts")
+    for proj in ("gate", "up", "down"):
+        out = (target[f"{proj}_values"], target[f"{proj}_group_scale"])
+        packed, scale = experts.pop(f"{proj}_packed"), experts.pop(f"{proj}_scale")
+        values, group_scale = jax.jit(k2model.int4_projection, out_shardings=out)(packed, scale)
+        del packed, scale  # the last references: their device buffers go now
+        experts[f"{proj}_values"], experts[f"{proj}_group_scale"] = values, group_scale
+    params["moe_layers"]["moe"]["experts"] = experts
+    return params
 
 
 def load_converted(path: str | os.PathLike, dtype, mesh=None) -> tuple[Config, dict]:
@@ -91,7 +117,9 @@ def load_converted(path: str | os.PathLike, dtype, mesh=None) -> tuple[Config, d
     return cfg, params
 
 
-def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None) -> Model:
+def load(
+    path: str | os.PathLike, *, dtype="bfloat16", mesh=None, expert_layout: str | None = None
+) -> Model:
     """Load a model from a converted k2jax checkpoint or an HF K2-format checkpoint directory.
 
     ``dtype`` is the activation and dense-weight dtype ("bfloat16", or "float32" for parity
@@ -99,14 +127,19 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None) -> Model:
     ``mesh``, every param is placed by the decode rules table (``sharding.rules``); a converted
     checkpoint is restored shard by shard without a host copy of the model, an HF directory is
     assembled on the host first (fine for small models; convert the real one).
+
+    ``expert_layout`` is the routed experts' resident layout; by default the one the platform
+    runs best (``k2jax.expert_matmul.expert_layout_for``: ``"int4"`` on TPU, ``"words"``, the
+    checkpoint's packing, elsewhere). Both hold 4.5 bits per weight.
     """
     dtype = _resolve_dtype(dtype)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    layout = expert_layout or expert_layout_for(_platform(mesh))
     if checkpoint_format.is_converted_checkpoint(path):
         cfg, params = load_converted(path, dtype, mesh)
-        return Model(cfg, params, dtype, mesh)
+        return _model(cfg, _to_runtime_layout(cfg, params, mesh, dtype, layout), dtype, mesh)
     if not is_hf_checkpoint(path):
         if os.path.isfile(os.path.join(path, "state.json")) or path.endswith(".partial"):
             raise FileNotFoundError(
@@ -118,4 +151,13 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None) -> Model:
         )
     cfg, host_params = read_hf_params(path, dtype)
     params = jax.device_put(host_params, _shardings(cfg, mesh, dtype))
-    return Model(cfg, params, dtype, mesh)
+    return _model(cfg, _to_runtime_layout(cfg, params, mesh, dtype, layout), dtype, mesh)
+
+
+def _model(cfg: Config, params: dict, dtype, mesh) -> Model:
+    """A Model whose activations follow the decode rules on ``mesh`` (none without one)."""
+    if mesh is None:
+        return Model(cfg, params, dtype)
+    from sharding.rules import flax_rules
+
+    return Model(cfg, params, dtype, mesh, rules=flax_rules("decode"))

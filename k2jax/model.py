@@ -28,8 +28,10 @@ import jax.numpy as jnp
 from k2jax import kv_cache
 from k2jax.attention import MLAttention
 from k2jax.config import Config
+from k2jax.expert_matmul import to_int4_layout
 from k2jax.layers import MLP, RMSNorm, fan_in_init, param
 from k2jax.moe import MoE, mesh_axes
+from k2jax.quant import QuantizedWeight
 from k2jax.rope import rope_tables
 
 STACKS = ("dense_layers", "moe_layers")
@@ -151,17 +153,68 @@ def init_params(cfg: Config, key: jax.Array, dtype=jnp.bfloat16) -> dict:
     return nn.unbox(_init_boxed(cfg, key, dtype))
 
 
-def param_axes(cfg: Config, dtype=jnp.bfloat16) -> dict:
+EXPERT_LAYOUTS = ("words", "int4")
+_PROJECTIONS = {
+    "gate": ("expert_mlp", "expert_embed"),
+    "up": ("expert_mlp", "expert_embed"),
+    "down": ("expert_embed", "expert_mlp"),
+}
+
+
+def to_expert_layout(params: dict, layout: str) -> dict:
+    """``params`` with the routed experts in resident ``layout``.
+
+    ``"words"`` is the checkpoint's packing (``{proj}_packed`` int32 [L, E, O, I/8] +
+    ``{proj}_scale`` bf16 [L, E, O, G]), what ``init_params`` and the loaders produce.
+    ``"int4"`` is the TPU layout (``{proj}_values`` int4 [L, E, G, S, O] +
+    ``{proj}_group_scale`` bf16 [L, E, G, O]; see ``k2jax.expert_matmul.Int4Weight``). Both are
+    4.5 bits per weight. Works on arrays and on ShapeDtypeStructs (via ``jax.eval_shape``).
+    """
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
+    experts = params.get("moe_layers", {}).get("moe", {}).get("experts")
+    if experts is None or layout == "words" or "gate_values" in experts:
+        if experts is not None and layout == "words" and "gate_values" in experts:
+            raise ValueError("converting int4-layout experts back to words is not supported")
+        return params
+    converted = {}
+    for proj in _PROJECTIONS:
+        values, group_scale = int4_projection(experts[f"{proj}_packed"], experts[f"{proj}_scale"])
+        converted[f"{proj}_values"] = values
+        converted[f"{proj}_group_scale"] = group_scale
+    moe = {**params["moe_layers"]["moe"], "experts": converted}
+    return {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
+
+
+def int4_projection(packed: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One projection's stack from checkpoint words to the int4 layout: (values, group_scale)."""
+    group_size = packed.shape[-1] * 8 // scale.shape[-1]
+    w = to_int4_layout(QuantizedWeight(packed, scale, group_size))
+    return w.values, w.scale
+
+
+def param_axes(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "words") -> dict:
     """The logical axis names of every parameter, as a tree of tuples shaped like the params."""
     boxed = jax.eval_shape(lambda: _init_boxed(cfg, jax.random.key(0), dtype))
-    return jax.tree.map(
+    axes = jax.tree.map(
         lambda b: tuple(b.names), boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned)
     )
+    if expert_layout == "int4" and cfg.num_moe_layers:
+        lead = ("layers", "experts")
+        experts = {}
+        for proj, (out, inp) in _PROJECTIONS.items():
+            # values [L, E, G, S, O]: the group axis runs over the inputs, S within a group.
+            experts[f"{proj}_values"] = (*lead, inp, None, out)
+            experts[f"{proj}_group_scale"] = (*lead, inp, out)
+        axes["moe_layers"]["moe"]["experts"] = experts
+    return axes
 
 
-def abstract_params(cfg: Config, dtype=jnp.bfloat16) -> dict:
+def abstract_params(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "words") -> dict:
     """ShapeDtypeStructs of every parameter, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+    return jax.eval_shape(
+        lambda: to_expert_layout(init_params(cfg, jax.random.key(0), dtype), expert_layout)
+    )
 
 
 def forward(

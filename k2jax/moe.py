@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from k2jax.config import Config
-from k2jax.expert_matmul import routed_experts
+from k2jax.expert_matmul import Int4Weight, num_experts, routed_experts
 from k2jax.layers import MLP, param
 from k2jax.quant import QuantizedWeight
 
@@ -96,6 +96,17 @@ class Experts(nn.Module):
         )
         return QuantizedWeight(packed, scale, g)
 
+    def _weight(self, name: str, out: int, inp: int, axes: tuple[str, str]):
+        """The ``name`` projection in whichever resident layout the params hold: checkpoint
+        words (``QuantizedWeight``, what ``init`` makes) or TPU int4 (``Int4Weight``, made once
+        at load time by ``k2jax.model.to_expert_layout``)."""
+        if self.has_variable("params", f"{name}_values"):
+            return Int4Weight(
+                self.get_variable("params", f"{name}_values"),
+                self.get_variable("params", f"{name}_group_scale"),
+            )
+        return self._int4(name, out, inp, axes)
+
     @nn.compact
     def __call__(self, x_TD, ids_TK, weights_TK, expert_offset=0, batch=1):
         """Routed output [T, D]; the T tokens come from ``batch`` sequences of T / batch each.
@@ -105,9 +116,9 @@ class Experts(nn.Module):
         """
         c = self.cfg
         d, m = c.hidden_size, c.moe_intermediate_size
-        gate = self._int4("gate", m, d, ("expert_mlp", "expert_embed"))
-        up = self._int4("up", m, d, ("expert_mlp", "expert_embed"))
-        down = self._int4("down", d, m, ("expert_embed", "expert_mlp"))
+        gate = self._weight("gate", m, d, ("expert_mlp", "expert_embed"))
+        up = self._weight("up", m, d, ("expert_mlp", "expert_embed"))
+        down = self._weight("down", d, m, ("expert_embed", "expert_mlp"))
         expert_axes = mesh_axes("experts")
         if not expert_axes:
             return routed_experts(
@@ -135,14 +146,14 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
     summed with one psum (decode: the only collective).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    num_experts = weights[0].packed.shape[0]
+    total = num_experts(weights[0])
     shards = math.prod(mesh.shape[a] for a in expert_axes)
-    if num_experts % shards:
+    if total % shards:
         raise ValueError(
-            f"{num_experts} routed experts cannot be split over mesh axes {expert_axes} "
+            f"{total} routed experts cannot be split over mesh axes {expert_axes} "
             f"({shards} devices)"
         )
-    local = num_experts // shards
+    local = total // shards
     token_axes = mesh_axes("act_batch")
     gathered = tuple(a for a in token_axes if a in expert_axes)
     # Gathering is only contiguous when the gathered axes are the minor end of the token split.
@@ -154,18 +165,13 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
     summed = tuple(a for a in expert_axes if a not in gathered)
     tok = PartitionSpec(token_axes or None)
     exp = PartitionSpec(expert_axes)
-    arrays = [a for w in weights for a in (w.packed, w.scale)]
-    groups = [w.group_size for w in weights]
 
-    def body(x_TD, ids_TK, weights_TK, *arrays):
+    def body(x_TD, ids_TK, weights_TK, gate, up, down):
         if gathered:
             x_TD, ids_TK, weights_TK = (
                 jax.lax.all_gather(a, gathered, axis=0, tiled=True)
                 for a in (x_TD, ids_TK, weights_TK)
             )
-        gate, up, down = (
-            QuantizedWeight(arrays[2 * i], arrays[2 * i + 1], g) for i, g in enumerate(groups)
-        )
         offset = jax.lax.axis_index(expert_axes) * local
         y_TD = routed_experts(x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=offset)
         if summed:
@@ -176,9 +182,10 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
 
     # check_vma=False: routed_experts may branch (lax.cond) on data whose per-device variance the
     # checker cannot match across branches; the psum / psum_scatter above are explicit anyway.
-    in_specs = (tok, tok, tok, *([exp] * len(arrays)))
+    # Each weight pytree (payload + scales, either layout) is split on its leading expert axis.
+    in_specs = (tok, tok, tok, exp, exp, exp)
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
-        x_TD, ids_TK, weights_TK, *arrays
+        x_TD, ids_TK, weights_TK, *weights
     )
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from k2jax import kv_cache
 from k2jax import model as k2model
 from k2jax.config import Config
+from k2jax.expert_matmul import expert_layout_for
 from sharding import rules, topologies
 from sharding.mesh import AXES, make_mesh, parse_mesh
 
@@ -164,10 +165,12 @@ def plan(
 def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
     """(compiled or None, compile error or None, pool shape, lowering seconds)."""
     batch, context, page_size = shape
-    shardings = rules.param_shardings(cfg, mesh, dtype, strategy)
+    # The resident expert layout the target platform runs (int4 on TPU, packed words on CPU).
+    layout = expert_layout_for(mesh.devices.flat[0].platform)
+    shardings = rules.param_shardings(cfg, mesh, dtype, strategy, layout)
     params = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        k2model.abstract_params(cfg, dtype),
+        k2model.abstract_params(cfg, dtype, layout),
         shardings,
     )
     pages_per_seq = -(-context // page_size)

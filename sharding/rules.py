@@ -159,11 +159,18 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def param_specs(cfg: Config, mesh: Mesh, dtype=jnp.bfloat16, strategy: str = "decode") -> dict:
-    """A ``PartitionSpec`` for every parameter, as a tree shaped like the params."""
+def param_specs(
+    cfg: Config,
+    mesh: Mesh,
+    dtype=jnp.bfloat16,
+    strategy: str = "decode",
+    expert_layout: str = "words",
+) -> dict:
+    """A ``PartitionSpec`` for every parameter, as a tree shaped like the params (with the
+    routed experts in ``expert_layout``, see ``k2jax.model.to_expert_layout``)."""
     rules = rules_for(strategy)
-    axes = k2model.param_axes(cfg, dtype)
-    shapes = k2model.abstract_params(cfg, dtype)
+    axes = k2model.param_axes(cfg, dtype, expert_layout)
+    shapes = k2model.abstract_params(cfg, dtype, expert_layout)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     axes_flat = treedef.flatten_up_to(axes)
     specs = [
@@ -173,7 +180,13 @@ def param_specs(cfg: Config, mesh: Mesh, dtype=jnp.bfloat16, strategy: str = "de
     return jax.tree.unflatten(treedef, specs)
 
 
-def param_shardings(cfg: Config, mesh: Mesh, dtype=jnp.bfloat16, strategy: str = "decode") -> dict:
+def param_shardings(
+    cfg: Config,
+    mesh: Mesh,
+    dtype=jnp.bfloat16,
+    strategy: str = "decode",
+    expert_layout: str = "words",
+) -> dict:
     """A ``NamedSharding`` for every parameter on ``mesh``, as a tree shaped like the params.
 
     This is what ``k2jax.load(..., mesh=)`` restores each array into. Raises ``ShardingError``
@@ -181,7 +194,7 @@ def param_shardings(cfg: Config, mesh: Mesh, dtype=jnp.bfloat16, strategy: str =
     """
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s),
-        param_specs(cfg, mesh, dtype, strategy),
+        param_specs(cfg, mesh, dtype, strategy, expert_layout),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
@@ -205,10 +218,12 @@ def shard_params(params: dict, cfg: Config, mesh: Mesh, strategy: str = "decode"
     return jax.tree.map(place, params, shardings)
 
 
-def param_bytes_per_device(cfg: Config, mesh: Mesh, dtype=jnp.bfloat16, strategy="decode"):
+def param_bytes_per_device(
+    cfg: Config, mesh: Mesh, dtype=jnp.bfloat16, strategy="decode", expert_layout="words"
+):
     """{param path: (total bytes, bytes on each device)} by the rules, without allocating."""
-    shapes = k2model.abstract_params(cfg, dtype)
-    specs = param_specs(cfg, mesh, dtype, strategy)
+    shapes = k2model.abstract_params(cfg, dtype, expert_layout)
+    specs = param_specs(cfg, mesh, dtype, strategy, expert_layout)
     out = {}
     for (path, s), spec in zip(
         jax.tree_util.tree_flatten_with_path(shapes)[0], jax.tree.leaves(specs), strict=True

@@ -127,3 +127,22 @@ def test_tiles_are_bounded_by_pairs_not_experts():
     mine = jnp.ones((8, 4), bool)
     rows = {e: em._tile_pairs(ids, mine, e, 64).rows for e in (64, 1024)}
     assert rows[64] == rows[1024] <= 32 + 32 * 63 + 63
+
+
+def test_int4_runtime_layout_gives_the_same_logits(tmp_path):
+    """The TPU resident layout (native int4, repacked once at load) computes the same model,
+    on one device and expert-parallel on a mesh (the Int4Weight pytrees go through shard_map)."""
+    from sharding.mesh import make_mesh
+
+    path = reference.write_checkpoint(reference.build(seed=12), tmp_path / "ckpt")
+    tokens = np.random.RandomState(0).randint(0, 256, (2, 6))
+    words = k2jax.load(path, dtype="float32").logits(tokens)
+    single = k2jax.load(path, dtype="float32", expert_layout="int4")
+    assert "gate_values" in single.params["moe_layers"]["moe"]["experts"]
+    np.testing.assert_allclose(single.logits(tokens), words, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(single.logits(tokens[:, :2]), words[:, :2], atol=2e-5, rtol=1e-5)
+    mesh = make_mesh(data=1, expert=4, tensor=2)
+    sharded = k2jax.load(path, dtype="float32", mesh=mesh, expert_layout="int4")
+    values = sharded.params["moe_layers"]["moe"]["experts"]["gate_values"]
+    assert values.sharding.shard_shape(values.shape)[1] == values.shape[1] // 8
+    np.testing.assert_allclose(sharded.logits(tokens), words, atol=2e-5, rtol=1e-5)
