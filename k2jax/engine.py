@@ -1,0 +1,436 @@
+"""The continuous-batching decode engine: requests in, tokens out as they are produced.
+
+Host side, the engine keeps a fixed number of batch slots, a queue of waiting requests, a
+``PageAllocator`` and each sequence's progress; device side, one jitted step function runs the
+model over the paged latent cache and samples the next token of every row.
+
+One step feeds every active row the tokens it has not cached yet: a row still prefilling feeds
+up to ``prefill_chunk`` of them, a decoding row feeds its last token. The step's token axis is
+``prefill_chunk`` when any row is prefilling and 1 otherwise, so a decoding row rides along in a
+prefill step (padded) instead of waiting. A row whose fed tokens reach the end of its sequence
+emits a token. Attention in a step is [T x S] for the cached positions S of a row, never the
+whole prompt's [S x S] at once.
+
+Shapes are bucketed so new prompt lengths do not recompile: the batch axis is the slot count,
+the token axis is 1 or ``prefill_chunk``, and the block-table width is the next power of two of
+the widest row (at least ``min_context_bucket`` tokens' worth). The page pool and the table of
+seen tokens are donated to the step, so XLA updates them in place.
+
+When a row needs a page and none is free, the youngest running sequence is preempted: its pages
+go back to the free list and it rejoins the front of the queue, to be recomputed from its prompt
+and the tokens it already produced. Per-request seeds make the recomputed run draw the same
+tokens. With ``preempt=False`` the engine raises ``OutOfPages`` instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from k2jax import kv_cache, sampling
+from k2jax import model as k2model
+from k2jax.config import Config
+from k2jax.page_allocator import OutOfPages, PageAllocator, pages_for
+from k2jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs. ``num_pages=None`` sizes the pool so every slot's longest request fits."""
+
+    max_batch: int = 8
+    page_size: int = 16
+    num_pages: int | None = None
+    prefill_chunk: int = 128
+    cache_dtype: str | None = None  # None: the model's dtype if float32, else bfloat16
+    min_context_bucket: int = 64
+    preempt: bool = True
+    # XLA options for the step programs, e.g. default_model.FAST_COMPILE for a toy model whose
+    # compile time dwarfs its run time; None keeps XLA's optimizing defaults.
+    compiler_options: tuple[tuple[str, object], ...] | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("max_batch", "page_size", "prefill_chunk", "min_context_bucket"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{field} = {value!r} must be a positive integer")
+        if self.num_pages is not None and (
+            not isinstance(self.num_pages, int) or self.num_pages < 2
+        ):
+            raise ValueError(
+                f"EngineConfig.num_pages = {self.num_pages!r} must be an integer >= 2 "
+                "(page 0 is the scratch page)"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt to continue. ``stop_token_ids=None`` stops at the config's eos token."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """A token produced for request ``index`` (its position in the list given to ``run``)."""
+
+    index: int
+    token: int
+    logprob: float | None
+    finished: bool
+
+
+@dataclasses.dataclass
+class _Sequence:
+    index: int
+    request: Request
+    stops: frozenset[int]
+    generated: list[int] = dataclasses.field(default_factory=list)
+    cached: int = 0  # leading tokens whose latents are in the cache
+    slot: int | None = None
+    admitted: int = -1  # admission counter: the largest is the youngest
+
+    @property
+    def tokens(self) -> list[int]:
+        return [*self.request.prompt, *self.generated]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=16)
+def _step_fn(cfg: Config, dtype: jnp.dtype, scan_layers: bool, compiler_options=None):
+    """The jitted engine step for one model; jit's own cache holds one program per shape."""
+
+    def step(params, pages, seen_BV, tokens_BT, positions_BT, tables_BP, last_B, emit_B, step_B, s):
+        cache = kv_cache.PagedCache(pages, tables_BP)
+        x_BTD, pages = k2model.forward(
+            params, tokens_BT, positions_BT, cache, cfg=cfg, dtype=dtype, scan_layers=scan_layers
+        )
+        rows_B = jnp.arange(tokens_BT.shape[0])
+        # Only each row's last fed token needs the [D, V] head: a chunk never builds [T, V].
+        x_B1D = x_BTD[rows_B, last_B][:, None]
+        logits_BV = k2model.lm_logits(params, x_B1D, cfg=cfg, dtype=dtype)[:, 0]
+        tokens_B, logprobs_B = sampling.sample(logits_BV, seen_BV, step_B, s)
+        old_B = seen_BV[rows_B, tokens_B]
+        new_B = jnp.where(emit_B, old_B | sampling.SEEN_IN_OUTPUT, old_B).astype(seen_BV.dtype)
+        seen_BV = seen_BV.at[rows_B, tokens_B].set(new_B)
+        return pages, seen_BV, tokens_B, logprobs_B
+
+    options = dict(compiler_options) if compiler_options else None
+    return jax.jit(step, donate_argnums=(1, 2), compiler_options=options)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(seen_BV, slot, row_V):
+    return seen_BV.at[slot].set(row_V)
+
+
+class Engine:
+    """Runs requests through one model with continuous batching over a paged latent cache."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        params: dict,
+        dtype=jnp.bfloat16,
+        engine_cfg: EngineConfig | None = None,
+        *,
+        scan_layers: bool = True,
+        mesh=None,
+        rules=(),
+    ):
+        self.cfg = cfg
+        self.params = params
+        self.dtype = jnp.dtype(dtype)
+        self.engine_cfg = engine_cfg or EngineConfig()
+        if self.engine_cfg.cache_dtype is not None:
+            self.cache_dtype = jnp.dtype(self.engine_cfg.cache_dtype)
+        elif self.dtype == jnp.float32:
+            self.cache_dtype = jnp.dtype(jnp.float32)  # exact parity runs keep the cache exact
+        else:
+            self.cache_dtype = jnp.dtype(jnp.bfloat16)
+        options = self.engine_cfg.compiler_options
+        self._step = _step_fn(cfg, self.dtype, scan_layers, options)
+        # A model placed on a mesh runs its steps under that mesh and its logical-axis rules,
+        # as Model.logits does, so the model's sharding hints take effect.
+        self.mesh, self.rules = mesh, tuple(rules or ())
+        self.num_preemptions = 0
+
+    def _context(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def _validate(self, r: Request) -> None:
+        if not r.prompt:
+            raise ValueError("a prompt must hold at least one token")
+        lo, hi = min(r.prompt), max(r.prompt)
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(
+                f"prompt token ids must lie in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]"
+            )
+        if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {r.max_new_tokens!r}")
+        total = len(r.prompt) + r.max_new_tokens
+        if total > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds "
+                f"the model's max_position_embeddings ({self.cfg.max_position_embeddings})"
+            )
+
+    def _pool_pages(self, requests: Sequence[Request], slots: int) -> int:
+        if self.engine_cfg.num_pages is not None:
+            return self.engine_cfg.num_pages
+        need = sorted(
+            (
+                pages_for(len(r.prompt) + r.max_new_tokens, self.engine_cfg.page_size)
+                for r in requests
+            ),
+            reverse=True,
+        )
+        # A power of two, so a new prompt length rarely changes the pool's shape (a recompile).
+        return _next_pow2(1 + sum(need[:slots]))
+
+    def run(self, requests: Sequence[Request]) -> Iterator[list[TokenEvent]]:
+        """Generate for every request; yields, per engine step, the tokens that step produced.
+
+        A request's stop token is included in its output; a request stops there or after
+        ``max_new_tokens``. Raises ``OutOfPages`` (before any work) when a request alone cannot
+        fit in the pool, and during the run when preemption is disabled and the pool runs out.
+        """
+        ec = self.engine_cfg
+        for r in requests:
+            self._validate(r)
+        live = [r for r in requests if r.max_new_tokens > 0]
+        if not live:
+            return
+        slots = min(ec.max_batch, _next_pow2(len(live)))
+        alloc = PageAllocator(self._pool_pages(live, slots), ec.page_size)
+        for i, r in enumerate(requests):
+            # The last new token is never fed back, so it needs no cache position.
+            need = len(r.prompt) + r.max_new_tokens - 1
+            if r.max_new_tokens and pages_for(need, ec.page_size) > alloc.num_pages - 1:
+                raise OutOfPages(
+                    f"request {i} needs {pages_for(need, ec.page_size)} pages of {ec.page_size} "
+                    f"tokens ({len(r.prompt)} prompt + {r.max_new_tokens} new), but the pool has "
+                    f"only {alloc.num_pages - 1} usable pages: raise num_pages or page_size"
+                )
+        eos = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
+        waiting = collections.deque(
+            _Sequence(i, r, frozenset(eos if r.stop_token_ids is None else r.stop_token_ids))
+            for i, r in enumerate(requests)
+            if r.max_new_tokens > 0
+        )
+        running: list[_Sequence | None] = [None] * slots
+        pages = kv_cache.empty_pages(
+            self.cfg.num_layers,
+            alloc.num_pages,
+            ec.page_size,
+            self.cfg.cache_width,
+            self.cache_dtype,
+        )
+        seen = jnp.zeros((slots, self.cfg.vocab_size), jnp.int8)
+        # Step outputs come back committed to the params' device; committing the fresh pool and
+        # table too keeps the first call's program the one every later call reuses.
+        devices = {d for leaf in jax.tree.leaves(self.params) for d in leaf.devices()}
+        if len(devices) == 1:
+            device = jax.sharding.SingleDeviceSharding(devices.pop())
+            pages, seen = jax.device_put((pages, seen), device)
+        admissions = 0
+
+        def preempt(victim: _Sequence) -> None:
+            if not ec.preempt:
+                raise OutOfPages(
+                    f"the page pool ({alloc.num_pages - 1} usable pages of {ec.page_size} "
+                    "tokens) is exhausted and preemption is disabled: raise num_pages, lower "
+                    "max_batch, or enable preemption"
+                )
+            alloc.free(victim.index)
+            running[victim.slot] = None
+            victim.slot, victim.cached = None, 0
+            waiting.appendleft(victim)
+            self.num_preemptions += 1
+
+        while waiting or any(running):
+            # Admit waiting sequences into free slots while their whole prefill fits.
+            for slot in range(slots):
+                if running[slot] is not None or not waiting:
+                    continue
+                seq = waiting[0]
+                if alloc.needed(seq.index, len(seq.tokens)) > alloc.num_free:
+                    break
+                waiting.popleft()
+                seq.slot, seq.admitted = slot, admissions
+                admissions += 1
+                running[slot] = seq
+                row = np.zeros((self.cfg.vocab_size,), np.int8)
+                row[list(seq.request.prompt)] = sampling.SEEN_IN_PROMPT
+                row[seq.generated] |= sampling.SEEN_IN_OUTPUT
+                seen = _set_row(seen, slot, row)
+
+            active = [s for s in running if s is not None]
+            chunk = ec.prefill_chunk if any(len(s.tokens) - s.cached > 1 for s in active) else 1
+            # Oldest first: they get pages before the youngest is considered for preemption.
+            for seq in sorted(active, key=lambda s: s.admitted):
+                if seq.slot is None:
+                    continue
+                feed = min(chunk, len(seq.tokens) - seq.cached)
+                while True:
+                    try:
+                        alloc.ensure(seq.index, seq.cached + feed)
+                        break
+                    except OutOfPages:
+                        others = [s for s in running if s is not None]
+                        victim = max(others, key=lambda s: s.admitted)
+                        if victim is seq and len(others) == 1:
+                            raise  # cannot happen for a validated request; kept as a guard
+                        preempt(victim)
+                        if victim is seq:
+                            break
+            active = [s for s in running if s is not None]
+            if not active:
+                continue
+
+            width_tokens = max(len(alloc.pages(s.index)) for s in active) * ec.page_size
+            width = pages_for(max(width_tokens, ec.min_context_bucket), ec.page_size)
+            width = _next_pow2(width)
+            tokens = np.zeros((slots, chunk), np.int32)
+            positions = np.full((slots, chunk), -1, np.int32)
+            tables = np.zeros((slots, width), np.int32)
+            last = np.zeros((slots,), np.int32)
+            emit = np.zeros((slots,), bool)
+            step = np.zeros((slots,), np.int32)
+            params_rows = [SamplingParams(temperature=0.0)] * slots
+            for seq in active:
+                b, toks = seq.slot, seq.tokens
+                feed = min(chunk, len(toks) - seq.cached)
+                tokens[b, :feed] = toks[seq.cached : seq.cached + feed]
+                positions[b, :feed] = np.arange(seq.cached, seq.cached + feed)
+                tables[b] = alloc.block_table(seq.index, width)
+                last[b] = feed - 1
+                emit[b] = seq.cached + feed == len(toks)
+                step[b] = len(seq.generated)
+                params_rows[b] = seq.request.sampling
+                seq.cached += feed
+            with self._context():
+                pages, seen, next_B, logprobs_B = self._step(
+                    self.params,
+                    pages,
+                    seen,
+                    tokens,
+                    positions,
+                    tables,
+                    last,
+                    emit,
+                    step,
+                    sampling.BatchSampling.from_params(params_rows),
+                )
+            next_B, logprobs_B = np.asarray(next_B), np.asarray(logprobs_B)
+
+            events = []
+            for seq in active:
+                b = seq.slot
+                if not emit[b]:
+                    continue
+                token = int(next_B[b])
+                seq.generated.append(token)
+                done = token in seq.stops or len(seq.generated) >= seq.request.max_new_tokens
+                lp = float(logprobs_B[b]) if seq.request.sampling.logprobs else None
+                events.append(TokenEvent(seq.index, token, lp, done))
+                if done:
+                    alloc.free(seq.index)
+                    running[b] = None
+            if events:
+                yield events
+
+
+def _requests(
+    model, prompts, max_new_tokens, *, stop_token_ids, logprobs, seed, **sampling_kwargs
+) -> list[Request]:
+    if isinstance(prompts, np.ndarray | jax.Array):
+        prompts = np.asarray(prompts).tolist()
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if not all(isinstance(p, Sequence | np.ndarray) for p in prompts):
+        raise ValueError("prompts must be a list of token-id lists, e.g. [[1, 2, 3]]")
+    stops = None if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
+    return [
+        Request(
+            prompt=tuple(int(t) for t in p),
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(seed=seed + i, logprobs=logprobs, **sampling_kwargs),
+            stop_token_ids=stops,
+        )
+        for i, p in enumerate(prompts)
+    ]
+
+
+def _engine(model, **engine_kwargs) -> Engine:
+    options = engine_kwargs.get("compiler_options")
+    if isinstance(options, dict):
+        engine_kwargs["compiler_options"] = tuple(sorted(options.items()))
+    return Engine(
+        model.config,
+        model.params,
+        model.dtype,
+        EngineConfig(**engine_kwargs),
+        mesh=getattr(model, "mesh", None),
+        rules=getattr(model, "rules", ()),
+    )
+
+
+_ENGINE_KEYS = (
+    "page_size",
+    "num_pages",
+    "max_batch",
+    "prefill_chunk",
+    "cache_dtype",
+    "preempt",
+    "compiler_options",
+)
+
+
+def generate_stream(model, prompts, max_new_tokens, **kwargs):
+    """``Model.generate_stream``: per-step lists of (prompt_index, token[, logprob])."""
+    engine_kwargs = {k: kwargs.pop(k) for k in _ENGINE_KEYS if k in kwargs}
+    with_logprobs = kwargs.get("logprobs", False)
+    requests = _requests(model, prompts, max_new_tokens, **kwargs)
+    engine = _engine(model, **engine_kwargs)
+
+    def stream():
+        for events in engine.run(requests):
+            if with_logprobs:
+                yield [(e.index, e.token, e.logprob) for e in events]
+            else:
+                yield [(e.index, e.token) for e in events]
+
+    return stream()
+
+
+def generate(model, prompts, max_new_tokens, **kwargs):
+    """``Model.generate``: the new tokens of every prompt (and their logprobs on request)."""
+    with_logprobs = kwargs.get("logprobs", False)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, **kwargs):
+        for index, token, *lp in step:
+            tokens[index].append(token)
+            if with_logprobs:
+                logprobs[index].append(lp[0])
+    return (tokens, logprobs) if with_logprobs else tokens
