@@ -151,7 +151,7 @@ def test_pallas_kernel_exact_per_projection(experts):
 def test_every_impl_is_covered_and_choice_is_by_layout():
     assert set(IMPLS) == {"naive", "words_decode", "words_tiled", "int4_unrolled", "pallas"}
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
-    assert choose_impl(words, 8) == "naive"
+    assert choose_impl(words, 8) == "words_tiled"
     assert choose_impl(words, 4096) == "words_tiled"
     assert isinstance(to_int4_layout(words), Int4Weight)
     if jax.default_backend() == "cpu":
