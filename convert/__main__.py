@@ -10,6 +10,10 @@ import argparse
 import os
 import sys
 
+from k2jax.platform import default_to_cpu_without_accelerators
+
+default_to_cpu_without_accelerators()  # converting needs no accelerator; see k2jax/platform.py
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

@@ -18,10 +18,15 @@ import json
 import os
 import sys
 
-import jax
+from k2jax.platform import default_to_cpu_without_accelerators
 
-from k2jax import default_model
-from k2jax.sampling import SamplingParams
+default_to_cpu_without_accelerators()  # before JAX starts: see k2jax/platform.py
+
+import jax  # noqa: E402
+
+from k2jax import default_model  # noqa: E402
+from k2jax.sampling import SamplingParams  # noqa: E402
+from sharding import distributed  # noqa: E402
 
 DEFAULT_PROMPT = "The capital of France is"
 BYTE_LABEL = "utf-8 bytes (the default model has no tokenizer)"
@@ -83,7 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     if chat_cli is not None:
         chat_cli.add_chat_arguments(p)
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=1,expert=8,tensor=1",
+        help="run sharded over a device mesh (sizes must multiply to the device count)",
+    )
+    distributed.add_arguments(p)
     return p
+
+
+def _on_mesh(model, mesh_text: str | None):
+    """``model`` placed by the decode rules on the ``--mesh`` (unchanged without one)."""
+    if mesh_text is None:
+        return model
+    from k2jax.loaded_model import Model
+    from sharding import rules
+    from sharding.mesh import make_mesh, parse_mesh
+
+    mesh = make_mesh(**parse_mesh(mesh_text))
+    params = rules.shard_params(model.params, model.config, mesh)
+    return Model(model.config, params, model.dtype, mesh, rules=rules.flax_rules("decode"))
 
 
 def _load(args):
@@ -174,8 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 0:
         parser.error("--max-new-tokens must be >= 0")
 
+    distributed.initialize_from_args(args)  # a no-op for a single-process run
+    if not distributed.is_main_process():  # every host runs the same program; one prints
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     _enable_compilation_cache()
     model, tok, desc, byte_level = _load(args)
+    model = _on_mesh(model, args.mesh)
+    if args.mesh:
+        desc += f"; sharded over mesh {args.mesh}"
     print(f"[k2jax] {desc}", file=sys.stderr, flush=True)
 
     chat_prompt = getattr(args, "chat", None)

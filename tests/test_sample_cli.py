@@ -15,14 +15,16 @@ from k2jax import default_model, sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(args, tmp_path, check=True):
+def run_cli(args, tmp_path, check=True, devices=1):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         # Keep the persistent compilation cache out of the user's home during tests.
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
     }
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user gets
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user gets ...
+    if devices > 1:  # ... unless the test asks for a fake multi-device host
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     proc = subprocess.run(
         [sys.executable, "-m", "k2jax.sample", *args],
         cwd=ROOT,
@@ -108,3 +110,13 @@ def test_invalid_sampling_flags_are_refused(args, message, capsys):
     with pytest.raises(SystemExit):
         sample.main(args)
     assert message in capsys.readouterr().err
+
+
+def test_mesh_flag_runs_sharded_with_the_same_tokens(tmp_path):
+    """``--mesh`` places the model by the decode rules over 8 fake devices: same greedy ids."""
+    args = ["--max-new-tokens", "6", "--temperature", "0", "--json", "--stop-ids", ""]
+    plain = json.loads(run_cli(args, tmp_path).stdout)
+    sharded_proc = run_cli([*args, "--mesh", "data=1,expert=4,tensor=2"], tmp_path, devices=8)
+    sharded = json.loads(sharded_proc.stdout)
+    assert "sharded over mesh data=1,expert=4,tensor=2" in sharded["model"]
+    assert sharded["new_ids"] == plain["new_ids"] and len(plain["new_ids"]) == 6

@@ -1,0 +1,27 @@
+"""Which JAX platform a command-line run starts on, decided before JAX is imported.
+
+libtpu is installed with the test extra (for ahead-of-time TPU compilation on any host), and
+on start-up it probes for TPU chips, printing errors on hosts that have none before JAX falls
+back to the CPU. The CLIs call ``default_to_cpu_without_accelerators()`` first: on a host with
+no TPU (``/dev/accel*``, ``/dev/vfio``) and no NVIDIA GPU device, and no ``JAX_PLATFORMS``
+chosen by the user, they start on the CPU directly. An explicit ``JAX_PLATFORMS`` always wins.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+ACCELERATOR_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
+def default_to_cpu_without_accelerators() -> None:
+    """Set ``JAX_PLATFORMS=cpu`` when unset and this host shows no accelerator device."""
+    if "JAX_PLATFORMS" in os.environ:
+        return
+    if any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already (e.g. by the package): set its flag too
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
