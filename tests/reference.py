@@ -31,6 +31,9 @@ from safetensors.torch import save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 GROUP_SIZE = 32
+K2_CONFIG_PATH = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "k2", "kimi-k2-thinking.config.json"
+)
 
 TINY: dict[str, Any] = {
     "vocab_size": 256,
@@ -93,37 +96,11 @@ def hf_config_dict(**overrides: Any) -> dict[str, Any]:
 
 
 def _int4_quantization_config() -> dict[str, Any]:
-    return {
-        "config_groups": {
-            "group_0": {
-                "input_activations": None,
-                "output_activations": None,
-                "targets": ["Linear"],
-                "weights": {
-                    "actorder": None,
-                    "block_structure": None,
-                    "dynamic": False,
-                    "group_size": GROUP_SIZE,
-                    "num_bits": 4,
-                    "observer": "minmax",
-                    "observer_kwargs": {},
-                    "strategy": "group",
-                    "symmetric": True,
-                    "type": "int",
-                },
-            }
-        },
-        "format": "pack-quantized",
-        "ignore": [
-            "lm_head",
-            "re:.*self_attn.*",
-            "re:.*shared_experts.*",
-            "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
-        ],
-        "kv_cache_scheme": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-    }
+    """The compressed-tensors block of K2 Thinking's own config.json (../shared/k2/)."""
+    with open(K2_CONFIG_PATH) as f:
+        block = json.load(f)["quantization_config"]
+    assert block["config_groups"]["group_0"]["weights"]["group_size"] == GROUP_SIZE
+    return block
 
 
 def _torch_config(raw: dict[str, Any]) -> DeepseekV3Config:
@@ -302,7 +279,3 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
         },
     },
 }
-
-K2_CONFIG_PATH = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "k2", "kimi-k2-thinking.config.json"
-)
