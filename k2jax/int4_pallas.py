@@ -11,6 +11,12 @@ docs/int4.md). This kernel reads each chosen expert's INT4 tiles and scales stra
   instead of along lanes, which Mosaic cannot reshape;
 - the output-column axis is outermost, so consecutive row tiles of the same expert keep the same
   weight block index and Pallas skips the copy: each expert tile is read once per call.
+- the weights may be a whole layer stack ``[L, E, G, S, O]`` with the layer chosen by a
+  scalar-prefetched index (``layer``): a custom call's operand cannot be fused, so handing it
+  ``stack[layer]`` (a scan's per-layer slice, or an unrolled ``a[i]``) makes XLA copy that
+  layer's local experts to a fresh buffer before every call (~0.6 GB read + written per MoE layer
+  per device for K2 on v5p-64); indexing the stack inside the BlockSpec reads only the chosen
+  tiles (see docs/sharding.md, "Where the decode bytes go").
 
 Runs on CPU in interpret mode (tests), compiles for TPU ahead of time (tests/test_int4_tpu.py).
 """
@@ -32,9 +38,9 @@ def _pick(n: int, prefs: tuple[int, ...]) -> int:
     return n
 
 
-def _kernel(tile_expert_ref, num_tiles_ref, x_ref, q_ref, s_ref, o_ref, acc_ref):
+def _kernel(tile_expert_ref, num_tiles_ref, layer_ref, x_ref, q_ref, s_ref, o_ref, acc_ref):
     """One (output tile j, row tile i, input chunk k) step; see grouped_int4_matmul."""
-    del tile_expert_ref
+    del tile_expert_ref, layer_ref
     i, k = pl.program_id(1), pl.program_id(2)
 
     @pl.when(k == 0)
@@ -70,11 +76,19 @@ def grouped_int4_matmul(
     tn: int | None = None,
     tk: int | None = None,
     interpret: bool | None = None,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """See ``_grouped_int4_matmul``; ``interpret=None`` compiles the kernel for TPU targets and
     interprets it elsewhere, decided when lowering (so ahead-of-time TPU compilation from a CPU
-    host gets the real kernel)."""
-    args = (x_GRS, tile_expert, num_tiles, values_EGSO, scale_EGO)
+    host gets the real kernel).
+
+    ``values_EGSO`` / ``scale_EGO`` are one layer's experts, or with ``layer`` given a whole
+    stack ``[L, E, G, S, O]`` / ``[L, E, G, O]`` of which layer ``layer`` is used (read in place:
+    no per-layer copy of the stack is made)."""
+    if (layer is None) != (values_EGSO.ndim == 4):
+        raise ValueError(f"layer={layer!r} with values of shape {values_EGSO.shape}")
+    layer_1 = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+    args = (x_GRS, tile_expert, num_tiles, layer_1, values_EGSO, scale_EGO)
     kw = dict(tm=tm, tn=tn, tk=tk)
     if interpret is not None:
         return _grouped_int4_matmul(*args, **kw, interpret=interpret)
@@ -90,15 +104,18 @@ def _grouped_int4_matmul(
     x_GRS: jax.Array,
     tile_expert: jax.Array,
     num_tiles: jax.Array,
-    values_EGSO: jax.Array,
-    scale_EGO: jax.Array,
+    layer_1: jax.Array,
+    values_LEGSO: jax.Array,
+    scale_LEGO: jax.Array,
     *,
     tm: int = 8,
     tn: int | None = None,
     tk: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """out[r, o] = sum_gs x[g, r, s] * values[e, g, s, o] * scale[e, g, o], e = tile_expert[r//tm].
+    """out[r, o] = sum_gs x[g, r, s] * values[l, e, g, s, o] * scale[l, e, g, o], with
+    e = tile_expert[r // tm] and l = layer_1[0] (both scalar-prefetched into the index maps);
+    for one layer's values [E, G, S, O] / scales [E, G, O] the l index is dropped.
 
     x_GRS: bf16 [G, R, S], the rows (sorted by expert, each expert's rows padded to a multiple of
     ``tm``) with the input axis split into groups and moved first, so a group is a whole block;
@@ -106,11 +123,11 @@ def _grouped_int4_matmul(
     output is zero). Returns float32 [R, O].
     """
     groups, rows, size = x_GRS.shape
-    _, _, _, out = values_EGSO.shape
+    out = values_LEGSO.shape[-1]
     inp = groups * size
-    assert values_EGSO.shape[1:3] == (groups, size) and rows % tm == 0, (
+    assert values_LEGSO.shape[-3:-1] == (groups, size) and rows % tm == 0, (
         x_GRS.shape,
-        values_EGSO.shape,
+        values_LEGSO.shape,
         tm,
     )
     tn = tn or _pick(out, (512, 256, 128))
@@ -125,28 +142,32 @@ def _grouped_int4_matmul(
     def live(i, nt):
         return i < nt[0]
 
-    def x_map(j, i, k, te, nt):
+    def x_map(j, i, k, te, nt, ly):
         return (
             jnp.where(live(i, nt), k, last_k),
             jnp.where(live(i, nt), i, jnp.maximum(nt[0] - 1, 0)),
             0,
         )
 
-    def w_map(j, i, k, te, nt):
-        return te[i], jnp.where(live(i, nt), k, last_k), 0, j
+    # A stack [L, E, ...] is indexed by the prefetched layer; one layer [E, ...] ignores it.
+    stacked = values_LEGSO.ndim == 5
+    lead = (None,) if stacked else ()
 
-    def s_map(j, i, k, te, nt):
-        return te[i], jnp.where(live(i, nt), k, last_k), j
+    def w_map(j, i, k, te, nt, ly):
+        return *((ly[0],) if stacked else ()), te[i], jnp.where(live(i, nt), k, last_k), 0, j
+
+    def s_map(j, i, k, te, nt, ly):
+        return *((ly[0],) if stacked else ()), te[i], jnp.where(live(i, nt), k, last_k), j
 
     spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=3,
         grid=grid,
         in_specs=[
             pl.BlockSpec((gk, tm, size), x_map),
-            pl.BlockSpec((None, gk, size, tn), w_map),
-            pl.BlockSpec((None, gk, tn), s_map),
+            pl.BlockSpec((*lead, None, gk, size, tn), w_map),
+            pl.BlockSpec((*lead, None, gk, tn), s_map),
         ],
-        out_specs=pl.BlockSpec((tm, tn), lambda j, i, k, te, nt: (i, j)),
+        out_specs=pl.BlockSpec((tm, tn), lambda j, i, k, te, nt, ly: (i, j)),
         scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
     )
     return pl.pallas_call(
@@ -157,4 +178,4 @@ def _grouped_int4_matmul(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")
         ),
         interpret=interpret,
-    )(tile_expert, num_tiles, x_GRS, values_EGSO, scale_EGO)
+    )(tile_expert, num_tiles, layer_1, x_GRS, values_LEGSO, scale_LEGO)

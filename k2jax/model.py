@@ -61,7 +61,9 @@ class Block(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, x_BTD, cos, sin, positions_BT, cache=None, layer=0):
+    def __call__(self, x_BTD, cos, sin, positions_BT, cache=None, layer=0, stack_index=None):
+        """``layer``: the absolute layer (the cache's); ``stack_index``: the index in this
+        block's stack, needed when the int4 expert params are passed as the whole stack."""
         c = self.cfg
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", self.dtype, name="attn_norm")(x_BTD)
         with jax.named_scope("attention"):
@@ -72,7 +74,7 @@ class Block(nn.Module):
         h = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", self.dtype, name="mlp_norm")(x_BTD)
         if self.is_moe:
             with jax.named_scope("moe"):
-                mlp_BTD = MoE(c, self.dtype, name="moe")(h)
+                mlp_BTD = MoE(c, self.dtype, name="moe")(h, stack_index)
         else:
             with jax.named_scope("dense_mlp"):
                 mlp_BTD = MLP(c.hidden_size, c.intermediate_size, "mlp", self.dtype, name="mlp")(h)
@@ -247,25 +249,56 @@ def forward(
         if n == 0:
             continue
         block = _block(cfg, stack, dtype)
+        per_layer, whole = _split_in_place(params[stack])
 
-        def step(carry, layer_params, block=block):
+        def step(carry, layer_params, block=block, first=layer, whole=whole):
             x, pages, layer = carry
             layer_cache = None if pages is None else kv_cache.PagedCache(pages, cache.block_tables)
             x, pages = block.apply(
-                {"params": layer_params}, x, cos, sin, positions_BT, layer_cache, layer
+                {"params": _merge_in_place(layer_params, whole)},
+                x,
+                cos,
+                sin,
+                positions_BT,
+                layer_cache,
+                layer,
+                layer - first,
             )
             x = hint(x, ("act_batch", None, None))
             return (x, pages, layer + 1), None
 
         carry = (x_BTD, pages, jnp.asarray(layer, jnp.int32))
         if scan_layers:
-            carry, _ = jax.lax.scan(step, carry, params[stack])
+            carry, _ = jax.lax.scan(step, carry, per_layer)
         else:
             for i in range(n):
-                carry, _ = step(carry, jax.tree.map(lambda a, i=i: a[i], params[stack]))
+                carry, _ = step(carry, jax.tree.map(lambda a, i=i: a[i], per_layer))
         x_BTD, pages, _ = carry
         layer += n
     return x_BTD, pages
+
+
+def _split_in_place(stack_params: dict) -> tuple[dict, dict | None]:
+    """(params sliced per layer by the scan, int4 experts passed whole or None).
+
+    The int4 routed experts feed a Pallas custom call, whose operands XLA cannot fuse: a scan's
+    per-layer slice of them (or an unrolled ``a[i]``) is materialized, i.e. every MoE layer
+    copied its local experts (K2, v5p-64: ~0.6 GB read + written per layer per device) before the
+    kernel read a few tiles of them. Passed whole, with the layer index, the kernel reads the
+    chosen tiles in place (``Int4Weight.layer``). Every other weight feeds XLA ops, which fuse
+    the slice into their consumer, and stays scanned.
+    """
+    experts = stack_params.get("moe", {}).get("experts")
+    if experts is None or "gate_values" not in experts:
+        return stack_params, None
+    moe = {k: v for k, v in stack_params["moe"].items() if k != "experts"}
+    return {**stack_params, "moe": moe}, experts
+
+
+def _merge_in_place(layer_params: dict, whole: dict | None) -> dict:
+    if whole is None:
+        return layer_params
+    return {**layer_params, "moe": {**layer_params["moe"], "experts": whole}}
 
 
 def lm_logits(params: dict, x_BTD: jax.Array, *, cfg: Config, dtype=jnp.bfloat16) -> jax.Array:

@@ -96,29 +96,35 @@ class Experts(nn.Module):
         )
         return QuantizedWeight(packed, scale, g)
 
-    def _weight(self, name: str, out: int, inp: int, axes: tuple[str, str]):
+    def _weight(self, name: str, out: int, inp: int, axes: tuple[str, str], stack_index=None):
         """The ``name`` projection in whichever resident layout the params hold: checkpoint
         words (``QuantizedWeight``, what ``init`` makes) or TPU int4 (``Int4Weight``, made once
         at load time by ``k2jax.model.to_expert_layout``)."""
         if self.has_variable("params", f"{name}_values"):
-            return Int4Weight(
-                self.get_variable("params", f"{name}_values"),
-                self.get_variable("params", f"{name}_group_scale"),
-            )
+            values = self.get_variable("params", f"{name}_values")
+            scale = self.get_variable("params", f"{name}_group_scale")
+            # A whole MoE-layer stack [L, E, G, S, O] (what k2jax.model.forward passes, so the
+            # Pallas kernel reads it in place): this call uses layer ``stack_index`` of it.
+            stacked = values.ndim == 5
+            if stacked and stack_index is None:
+                raise ValueError(f"{name}: a stacked [L, ...] expert weight needs stack_index")
+            return Int4Weight(values, scale, stack_index if stacked else None)
         return self._int4(name, out, inp, axes)
 
     @nn.compact
-    def __call__(self, x_TD, ids_TK, weights_TK, expert_offset=0, batch=1):
+    def __call__(self, x_TD, ids_TK, weights_TK, expert_offset=0, batch=1, stack_index=None):
         """Routed output [T, D]; the T tokens come from ``batch`` sequences of T / batch each.
 
         ``batch`` only matters under expert parallelism: tokens are split over the batch's mesh
         axes when ``batch`` divides by them, so the split matches the residual stream's.
+        ``stack_index``: this layer's index in the MoE stack, used when the int4 expert params
+        are the whole stack (see ``Int4Weight.layer``).
         """
         c = self.cfg
         d, m = c.hidden_size, c.moe_intermediate_size
-        gate = self._weight("gate", m, d, ("expert_mlp", "expert_embed"))
-        up = self._weight("up", m, d, ("expert_mlp", "expert_embed"))
-        down = self._weight("down", d, m, ("expert_embed", "expert_mlp"))
+        gate = self._weight("gate", m, d, ("expert_mlp", "expert_embed"), stack_index)
+        up = self._weight("up", m, d, ("expert_mlp", "expert_embed"), stack_index)
+        down = self._weight("down", d, m, ("expert_embed", "expert_mlp"), stack_index)
         expert_axes = mesh_axes("experts")
         if not expert_axes:
             return routed_experts(
@@ -182,8 +188,17 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
 
     # check_vma=False: routed_experts may branch (lax.cond) on data whose per-device variance the
     # checker cannot match across branches; the psum / psum_scatter above are explicit anyway.
-    # Each weight pytree (payload + scales, either layout) is split on its leading expert axis.
-    in_specs = (tok, tok, tok, exp, exp, exp)
+    # Each weight pytree (payload + scales, either layout) is split on its expert axis: the
+    # leading one, or the second for a layer stack (``Int4Weight.layer`` set; the layer axis is
+    # never sharded, and the index itself is replicated). Both match the params' own sharding,
+    # so nothing is resharded at the boundary.
+    def weight_spec(w):
+        if isinstance(w, Int4Weight) and w.layer is not None:
+            stacked = PartitionSpec(None, expert_axes)
+            return Int4Weight(stacked, stacked, PartitionSpec())
+        return exp
+
+    in_specs = (tok, tok, tok, *(weight_spec(w) for w in weights))
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
         x_TD, ids_TK, weights_TK, *weights
     )
@@ -196,7 +211,8 @@ class MoE(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, stack_index=None) -> jax.Array:
+        """``stack_index``: this layer's index in the MoE stack (see ``Experts``)."""
         c = self.cfg
         b, t, d = x_BTD.shape
         w_router = param(
@@ -214,7 +230,9 @@ class MoE(nn.Module):
         with jax.named_scope("router"):
             ids_TK, weights_TK = route(c, x_TD, w_router, bias)
         with jax.named_scope("routed_experts"):
-            routed_TD = Experts(c, self.dtype, name="experts")(x_TD, ids_TK, weights_TK, batch=b)
+            routed_TD = Experts(c, self.dtype, name="experts")(
+                x_TD, ids_TK, weights_TK, batch=b, stack_index=stack_index
+            )
         routed_BTD = routed_TD.reshape(b, t, d)
         if not c.n_shared_experts:
             return routed_BTD

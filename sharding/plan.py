@@ -8,7 +8,9 @@ rules table, then lowers and compiles the real decode step (``k2jax.model.forwar
 CPU devices stand in and the output says so. Per device it reports the weight bytes (by the
 rules' arithmetic, checked against the compiler's argument bytes), the KV-cache bytes, the
 compiler's temporary bytes, their total against the chip's HBM, the bytes one decode step reads
-and writes by the compiler's cost analysis, and the HBM-bandwidth lower bound on step time.
+and writes (the compiler's cost analysis over every layer, plus the routed experts' weight reads
+inside the Pallas kernel, which that analysis cannot see, counted from the kernel's BlockSpecs),
+and the HBM-bandwidth lower bound on step time.
 
 Example::
 
@@ -131,7 +133,13 @@ def plan(
     else:
         hbm, bandwidth = 0, 0.0
     scan_body_once = float(cost.get("bytes accessed", 0.0))
-    accessed = _bytes_per_step(cfg, mesh, dtype, strategy, shape) if compiled is not None else 0.0
+    xla_accessed, per_moe_layer = (
+        _bytes_per_step(cfg, mesh, dtype, strategy, shape, scan_body_once)
+        if compiled is not None
+        else (0.0, 0.0)
+    )
+    kernel = _kernel_expert_bytes(cfg, mesh, dtype, batch) if compiled is not None else {}
+    accessed = xla_accessed + kernel.get("expected", 0.0)
     groups = _group_split(split)
     return {
         "compiler": compiler,
@@ -150,6 +158,10 @@ def plan(
         "fits": bool(hbm) and error is None and total_bytes <= hbm,
         "compile_error": error,
         "bytes_accessed": accessed,
+        "bytes_accessed_xla": xla_accessed,
+        "bytes_accessed_xla_per_moe_layer": per_moe_layer,
+        "kernel_expert_bytes_expected": kernel.get("expected", 0.0),
+        "kernel_expert_bytes_worst": kernel.get("worst", 0.0),
         "step_time_lower_bound_s": accessed / bandwidth if bandwidth and accessed else None,
         "argument_bytes": int(args_out[0]),
         "output_bytes": int(args_out[1]),
@@ -200,26 +212,78 @@ def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
     return compiled, error, pool_shape, t1 - t0
 
 
-def _bytes_per_step(cfg, mesh, dtype, strategy, shape) -> float:
-    """Bytes one decode step reads and writes per device, counting every layer.
+def _cost_bytes(cfg, mesh, dtype, strategy, shape, scan_layers: bool) -> float:
+    compiled, error, _, _ = _compile(cfg, mesh, dtype, strategy, shape, scan_layers)
+    if compiled is None:
+        raise RuntimeError(f"the {cfg.num_layers}-layer program did not compile: {error}")
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("bytes accessed", 0.0))
 
-    XLA's cost analysis counts a while loop's body once, whatever its trip count, so the
-    scanned program's figure misses all but one layer of each stack (checked here: 3 and 5
-    layers report the same bytes). Two small unrolled programs, with one and two MoE layers,
-    give the fixed part and the per-MoE-layer part; the full model has ``num_moe_layers`` of them.
+
+def _bytes_per_step(cfg, mesh, dtype, strategy, shape, scanned: float) -> tuple[float, float]:
+    """(bytes one decode step reads and writes per device by XLA's cost analysis, counting every
+    layer; of which per MoE layer). ``scanned``: the real (scanned) program's figure.
+
+    XLA's cost analysis counts a while loop's body once, whatever its trip count, so the scanned
+    program's figure holds one layer of each stack. One MoE layer (the scan body, compiled in
+    the real program with the real stacked operands) is that figure less the same program
+    without the MoE stack (``num_layers = num_dense_layers``); the full model has
+    ``num_moe_layers`` of them. Small unrolled programs with 1 and 2 MoE layers, used before, are
+    not representative: a 1-layer stack is sliced for free where a real one is not (that
+    attributed two layers' expert copies to one), and XLA:TPU keeps a small program's whole
+    expert stacks in VMEM, which it cannot do for real ones (on v6e-64 3 unrolled MoE layers
+    then cost less than 1). A dense stack of more than one layer is measured by two small
+    unrolled dense-only programs (no custom calls there). See docs/sharding.md.
+
+    Pallas kernels are opaque to the cost analysis (a call is counted for its small operands
+    only), so the routed experts' weight reads are not in this figure: see
+    ``_kernel_expert_bytes``.
     """
     dense = cfg.num_dense_layers
-    figures = []
-    for moe in (1, 2):
-        small = dataclasses.replace(cfg, num_layers=dense + moe)
-        compiled, error, _, _ = _compile(small, mesh, dtype, strategy, shape, False)
-        if compiled is None:
-            raise RuntimeError(f"the unrolled {dense + moe}-layer program did not compile: {error}")
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        figures.append(float(cost.get("bytes accessed", 0.0)))
-    one, two = figures
-    return one + (cfg.num_moe_layers - 1) * (two - one)
+    per_moe = 0.0
+    if cfg.num_moe_layers:
+        without_moe = _cost_bytes(
+            dataclasses.replace(cfg, num_layers=dense), mesh, dtype, strategy, shape, True
+        )
+        per_moe = scanned - without_moe
+    per_dense = 0.0
+    if dense > 1:
+        one, two = (
+            _cost_bytes(dataclasses.replace(cfg, num_layers=n), mesh, dtype, strategy, shape, False)
+            for n in (1, 2)
+        )
+        per_dense = two - one
+    total = scanned + (cfg.num_moe_layers - 1) * per_moe + max(dense - 1, 0) * per_dense
+    return total, per_moe
+
+
+def _kernel_expert_bytes(cfg, mesh, dtype, batch: int) -> dict[str, float]:
+    """Routed-expert weight bytes the Pallas kernel reads per decode step per device, which
+    XLA's cost analysis cannot see (zero where the experts run as XLA ops, e.g. CPU devices).
+
+    The kernel reads each chosen local expert's INT4 values and scales once per projection (at
+    decode every expert's rows fit one row tile; tests/test_int4_tpu.py). ``expected``: the
+    mean over uniform routing, E_local * (1 - (1 - K/E)^T) experts per layer for the T tokens a
+    device routes; ``worst``: min(T * K, E_local) experts per layer, the busiest device.
+    """
+    layout = expert_layout_for(mesh.devices.flat[0].platform)
+    if layout != "int4" or not cfg.num_moe_layers:
+        return {"expected": 0.0, "worst": 0.0}
+    # Sized from the checkpoint words (int32, 8 nibbles each): the same 4.5 bits per weight as
+    # the int4 layout, whose dtype itemsize (1 byte per int4) would double them.
+    experts = k2model.abstract_params(cfg, dtype, "words")["moe_layers"]["moe"]["experts"]
+    stack_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(experts))
+    per_expert = stack_bytes / (cfg.num_moe_layers * cfg.n_routed_experts)
+    mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    shards = math.prod(mesh_axes.get(a, 1) for a in rules.rules_for("decode")["experts"])
+    local = cfg.n_routed_experts // shards
+    tokens = max(batch // mesh_axes.get("data", 1), 1)  # decode: one token per sequence
+    k = cfg.num_experts_per_tok
+    expected = local * (1.0 - (1.0 - k / cfg.n_routed_experts) ** tokens)
+    worst = min(tokens * k, local)
+    layers = cfg.num_moe_layers
+    return {"expected": expected * per_expert * layers, "worst": worst * per_expert * layers}
 
 
 def _group_split(split: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
@@ -273,6 +337,10 @@ def format_table(r: dict) -> str:
         ("total", r["total_bytes"]),
         ("HBM", r["hbm_bytes"]),
         ("bytes accessed per decode step", r["bytes_accessed"]),
+        ("  XLA cost analysis (all layers)", r["bytes_accessed_xla"]),
+        ("    of which per MoE layer", r["bytes_accessed_xla_per_moe_layer"]),
+        ("  + Pallas expert reads (mean)", r["kernel_expert_bytes_expected"]),
+        ("    (busiest device: worst case)", r["kernel_expert_bytes_worst"]),
     ]
     lines += [f"{name:34s} {value / GB:10.3f}" for name, value in rows]
     if r["compile_error"]:

@@ -156,3 +156,27 @@ def test_every_impl_is_covered_and_choice_is_by_layout():
     assert isinstance(to_int4_layout(words), Int4Weight)
     if jax.default_backend() == "cpu":
         assert choose_impl(to_int4_layout(words), 8) == "int4_unrolled"
+
+
+def test_layer_stack_is_read_in_place_and_equals_the_layer(experts):
+    """``Int4Weight(stack, scale_stack, layer)``: the Pallas kernel indexes the stack itself
+    (no per-layer copy, see docs/sharding.md) and every impl gives layer ``layer``'s result."""
+    (gate, up, down), _ = experts
+    one = [to_int4_layout(w) for w in (gate, up, down)]
+    # A 3-layer stack whose layer 1 is the fixture; the other layers are different weights.
+    stacked = [
+        Int4Weight(
+            jnp.stack([-w.values, w.values, -w.values]),
+            jnp.stack([w.scale * 2, w.scale, w.scale]),
+            jnp.int32(1),
+        )
+        for w in one
+    ]
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((3, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 6, (3, 2)), jnp.int32)
+    wts = jnp.asarray(rng.uniform(0.1, 1.0, (3, 2)), jnp.float32)
+    for impl in ("pallas", "int4_unrolled", "naive"):
+        want = routed_experts(x, ids, wts, *one, impl=impl)
+        got = routed_experts(x, ids, wts, *stacked, impl=impl)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=impl)

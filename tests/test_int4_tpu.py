@@ -149,3 +149,59 @@ def test_pallas_compiles_for_k2_shapes(mesh):
         fn = jax.jit(lambda *a, tm=tm: int4_pallas.grouped_int4_matmul(*a, tm=tm))
         hlo = fn.lower(*args).compile().as_text()
         assert 'custom_call_target="tpu_custom_call"' in hlo
+
+
+def _compile_layer_stack(mesh, in_place: bool):
+    """Decode over layer ``layer`` of a 2-layer expert stack [L, E, ...] (what the model's scan
+    holds), the stack passed whole with the index (``in_place``) or sliced first."""
+    rep = NamedSharding(mesh, P())
+    e_local = E // mesh.size
+    stack = P(None, "expert")
+
+    def sds(shape, dt):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, stack))
+
+    def one(o, i):
+        return Int4Weight(
+            sds((2, E, i // GS, GS, o), jnp.int4), sds((2, E, i // GS, o), jnp.bfloat16)
+        )
+
+    def step(x, ids, wts, layer, g, u, d):
+        def local(x, ids, wts, layer, g, u, d):
+            if in_place:
+                ws = [Int4Weight(w.values, w.scale, layer) for w in (g, u, d)]
+            else:
+                ws = [Int4Weight(w.values[layer], w.scale[layer]) for w in (g, u, d)]
+            off = jax.lax.axis_index("expert") * e_local
+            y = routed_experts(x, ids, wts, *ws, expert_offset=off, impl="pallas")
+            return jax.lax.psum(y.astype(jnp.float32), "expert").astype(x.dtype)
+
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(), P(), P(), P(), stack, stack, stack),
+            out_specs=P(),
+            check_vma=False,
+        )(x, ids, wts, layer, g, u, d)
+
+    args = (
+        jax.ShapeDtypeStruct((1, D), jnp.bfloat16, sharding=rep),
+        jax.ShapeDtypeStruct((1, K), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((1, K), jnp.float32, sharding=rep),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        one(M, D),
+        one(M, D),
+        one(D, M),
+    )
+    return jax.jit(step).lower(*args).compile()
+
+
+def test_pallas_reads_a_layer_stack_in_place(mesh):
+    """A custom call's operand is not fused: slicing the stack first copies the layer's local
+    experts (the copy the model's scan made before every MoE layer); indexing the stack in the
+    kernel (``Int4Weight.layer``) copies nothing and reads within the same bound."""
+    compiled = _compile_layer_stack(mesh, in_place=True)
+    ratio, temps = _check(compiled, 1, "pallas")
+    assert ratio <= BOUND and not temps, (ratio, temps)
+    _, sliced_temps = _check(_compile_layer_stack(mesh, in_place=False), 1, "pallas")
+    assert sliced_temps, "slicing the stack before the kernel no longer copies: update the docs"
