@@ -168,8 +168,9 @@ def routed_experts(
     impl = impl or choose_impl(gate_EMD, num_tokens * k)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "pallas":
-        # Only the Pallas kernel indexes a layer stack in place; the jnp forms take the layer.
+    if impl not in ("pallas", "words_tiled"):
+        # The tile loops (Pallas on TPU, words_tiled on CPU) index a layer stack in place; the
+        # other forms take the layer's slice, which XLA fuses into their gathers.
         gate_EMD, up_EMD, down_EDM = (_unstacked(w) for w in (gate_EMD, up_EMD, down_EDM))
     num_local = num_experts(gate_EMD)
     local_TK = expert_ids_TK - expert_offset
@@ -189,14 +190,14 @@ def routed_experts(
 
 def num_experts(w) -> int:
     if isinstance(w, QuantizedWeight):
-        return w.packed.shape[0]
+        return w.packed.shape[0 if w.layer is None else 1]
     if isinstance(w, Int4Weight):
         return w.values.shape[0 if w.layer is None else 1]
     return w.shape[0]
 
 
 def _unstacked(w):
-    return w.unstacked() if isinstance(w, Int4Weight) else w
+    return w.unstacked() if isinstance(w, Int4Weight | QuantizedWeight) else w
 
 
 def _swiglu(g, u):
@@ -436,8 +437,11 @@ def _expert_rows(w) -> int:
 def _dense_one(w, e) -> jax.Array:
     """Expert ``e`` of a stack as float32 [O, I]."""
     if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(w.packed[e], w.scale[e], w.group_size).dequantize(jnp.float32)
+        # Indexing the whole stack (layer, expert) reads just this expert; see ``layer``.
+        at = (e,) if w.layer is None else (w.layer, e)
+        return QuantizedWeight(w.packed[at], w.scale[at], w.group_size).dequantize(jnp.float32)
     if isinstance(w, Int4Weight):
+        w = w.unstacked()
         return Int4Weight(w.values[e], w.scale[e]).dequantize(jnp.float32)
     return w[e].astype(jnp.float32)
 

@@ -286,10 +286,11 @@ def _split_in_place(stack_params: dict) -> tuple[dict, dict | None]:
     copied its local experts (K2, v5p-64: ~0.6 GB read + written per layer per device) before the
     kernel read a few tiles of them. Passed whole, with the layer index, the kernel reads the
     chosen tiles in place (``Int4Weight.layer``). Every other weight feeds XLA ops, which fuse
-    the slice into their consumer, and stays scanned.
+    the slice into their consumer, and stays scanned. The CPU's packed words go the same way:
+    its tile loop (``words_tiled``) is an inner while loop, whose operands are materialized too.
     """
     experts = stack_params.get("moe", {}).get("experts")
-    if experts is None or "gate_values" not in experts:
+    if experts is None:
         return stack_params, None
     moe = {k: v for k, v in stack_params["moe"].items() if k != "experts"}
     return {**stack_params, "moe": moe}, experts

@@ -109,6 +109,13 @@ class Experts(nn.Module):
             if stacked and stack_index is None:
                 raise ValueError(f"{name}: a stacked [L, ...] expert weight needs stack_index")
             return Int4Weight(values, scale, stack_index if stacked else None)
+        if self.has_variable("params", f"{name}_packed"):
+            packed = self.get_variable("params", f"{name}_packed")
+            if packed.ndim == 4:  # a whole MoE-layer stack [L, E, O, I/8], as for int4 above
+                if stack_index is None:
+                    raise ValueError(f"{name}: a stacked [L, ...] expert weight needs stack_index")
+                scale = self.get_variable("params", f"{name}_scale")
+                return QuantizedWeight(packed, scale, self.cfg.quantization.group_size, stack_index)
         return self._int4(name, out, inp, axes)
 
     @nn.compact
@@ -196,6 +203,9 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
         if isinstance(w, Int4Weight) and w.layer is not None:
             stacked = PartitionSpec(None, expert_axes)
             return Int4Weight(stacked, stacked, PartitionSpec())
+        if isinstance(w, QuantizedWeight) and w.layer is not None:
+            stacked = PartitionSpec(None, expert_axes)
+            return QuantizedWeight(stacked, stacked, w.group_size, PartitionSpec())
         return exp
 
     in_specs = (tok, tok, tok, *(weight_spec(w) for w in weights))

@@ -29,20 +29,41 @@ NIBBLES_PER_WORD = 8
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    """An INT4 weight [..., O, I]: packed int32 words [..., O, I/8] + scales [..., O, I/G]."""
+    """An INT4 weight [..., O, I]: packed int32 words [..., O, I/8] + scales [..., O, I/G].
+
+    With ``layer`` set (an int32 scalar), ``packed`` / ``scale`` are a whole layer stack [L, ...]
+    and the weight is layer ``layer`` of it. The model passes its routed experts this way so a
+    loop over tiles can index the chosen experts in place: a scan's per-layer slice feeding an
+    inner loop would be materialized, copying every expert of the layer each step.
+    """
 
     packed: jax.Array
     scale: jax.Array
     group_size: int = dataclasses.field(default=32, metadata={"static": True})
+    layer: jax.Array | None = None
+
+    def unstacked(self) -> QuantizedWeight:
+        """This layer's weight without the stack (itself when ``layer`` is None)."""
+        if self.layer is None:
+            return self
+        return QuantizedWeight(
+            jax.lax.dynamic_index_in_dim(self.packed, self.layer, keepdims=False),
+            jax.lax.dynamic_index_in_dim(self.scale, self.layer, keepdims=False),
+            self.group_size,
+        )
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The logical (unpacked) shape [..., O, I]."""
+        """The logical (unpacked) shape [..., O, I] (of one layer when ``layer`` is set)."""
         *lead, out, words = self.packed.shape
+        if self.layer is not None:
+            lead = lead[1:]
         return (*lead, out, words * NIBBLES_PER_WORD)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The dense weight [..., O, I] in ``dtype`` (products are exact in float32)."""
+        if self.layer is not None:
+            return self.unstacked().dequantize(dtype)
         q = unpack_int4(self.packed)
         *lead, out, inp = q.shape
         groups = q.reshape(*lead, out, inp // self.group_size, self.group_size)
