@@ -45,7 +45,7 @@ _ST = {
 
 def config_dict(layers: int, experts: int, vocab: int = 32768) -> dict:
     """A K2 Thinking config.json (INT4 experts) with small dims and ``layers`` layers."""
-    from k2jax.config import Config
+    from k2jax.config import Config, int4_quantization_config
 
     base = {
         "vocab_size": vocab,
@@ -74,22 +74,7 @@ def config_dict(layers: int, experts: int, vocab: int = 32768) -> dict:
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,
-        "quantization_config": {
-            "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": {
-                        "num_bits": 4,
-                        "type": "int",
-                        "strategy": "group",
-                        "group_size": 32,
-                        "symmetric": True,
-                    },
-                }
-            },
-        },
+        "quantization_config": int4_quantization_config(32),
     }
     # Round-trip through Config so the file is exactly what k2jax itself would write.
     return Config.from_hf(base).to_hf()

@@ -173,7 +173,7 @@ class Config:
             out["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(rs)}
         q = self.quantization
         if q.kind == "int4":
-            out["quantization_config"] = _int4_quantization_config(q.group_size)
+            out["quantization_config"] = int4_quantization_config(q.group_size)
         elif q.kind == "fp8":
             out["quantization_config"] = {
                 "quant_method": "fp8",
@@ -188,8 +188,8 @@ def _yarn_mscale(factor: float, mscale: float) -> float:
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
-def _int4_quantization_config(group_size: int) -> dict[str, Any]:
-    """The compressed-tensors block K2 Thinking's config.json carries."""
+def int4_quantization_config(group_size: int = 32) -> dict[str, Any]:
+    """The compressed-tensors block K2 Thinking's config.json carries (INT4 routed experts)."""
     return {
         "config_groups": {
             "group_0": {

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from k2jax import model as k2model
-from k2jax.config import Config
+from k2jax.config import Config, int4_quantization_config
 from k2jax.loaded_model import Model
 
 DESCRIPTION = (
@@ -67,22 +67,7 @@ HF_CONFIG = {
     "bos_token_id": BOS_ID,
     "eos_token_id": EOS_ID,
     "pad_token_id": PAD_ID,
-    "quantization_config": {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {
-                    "num_bits": 4,
-                    "type": "int",
-                    "strategy": "group",
-                    "group_size": 32,
-                    "symmetric": True,
-                },
-            }
-        },
-    },
+    "quantization_config": int4_quantization_config(32),
 }
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import os
 
+import nbclient  # in the test extra: if it is missing this must fail, not skip
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
