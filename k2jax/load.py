@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert import checkpoint_format
+from convert.hf_names import all_specs
 from convert.hf_reader import HFCheckpoint, place_all
 from k2jax import model as k2model
 from k2jax.config import Config
@@ -50,8 +51,6 @@ def read_hf_params(path: str | os.PathLike, dtype) -> tuple[Config, dict]:
     cfg = ckpt.config
     shapes = k2model.abstract_params(cfg, dtype)
     params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), shapes)
-    from convert.hf_names import all_specs
-
     for spec, where, value in place_all(ckpt, all_specs(cfg).values(), dtype):
         if spec.stack is None:
             _set(params, where, (), value)

@@ -175,10 +175,11 @@ def to_expert_layout(params: dict, layout: str) -> dict:
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
     experts = params.get("moe_layers", {}).get("moe", {}).get("experts")
-    if experts is None or layout == "words" or "gate_values" in experts:
-        if experts is not None and layout == "words" and "gate_values" in experts:
-            raise ValueError("converting int4-layout experts back to words is not supported")
+    current = None if experts is None else ("int4" if "gate_values" in experts else "words")
+    if current in (None, layout):
         return params
+    if current == "int4":
+        raise ValueError("converting int4-layout experts back to words is not supported")
     converted = {}
     for proj in _PROJECTIONS:
         values, group_scale = int4_projection(experts[f"{proj}_packed"], experts[f"{proj}_scale"])

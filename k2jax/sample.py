@@ -184,16 +184,17 @@ class _TextStream:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    sampling = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "seed": args.seed,
+    }
     try:
-        SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            presence_penalty=args.presence_penalty,
-            seed=args.seed,
-        )
+        SamplingParams(**sampling)  # refused here, before any model is built
     except ValueError as e:
         parser.error(str(e))
     if args.max_new_tokens < 0:
@@ -251,13 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     stream = model.generate_stream(
         [prompt_ids],
         args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        seed=args.seed,
+        **sampling,
         stop_token_ids=args.stop_ids,
         page_size=args.page_size,
         num_pages=args.num_pages,
