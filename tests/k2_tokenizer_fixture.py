@@ -107,3 +107,18 @@ def k2_tokenizer_dir() -> Path:
 def k2_test_tokenizer() -> Tokenizer:
     """The tokenizer loaded from `k2_tokenizer_dir()`, shared by the chat and agent tests."""
     return load_tokenizer(k2_tokenizer_dir())
+
+
+_SPECIAL_NAME = re.compile(r"(<\|[a-z_0-9]+\|>|</?think>|\[EOS\])")
+
+
+def generated_ids(text: str) -> list[int]:
+    """Token ids of a generated turn written with special-token names, as the model emits them."""
+    tokenizer = k2_test_tokenizer()
+    ids = []
+    for piece in _SPECIAL_NAME.split(text):
+        if piece in tokenizer.special_ids:
+            ids.append(tokenizer.encode_special(piece))
+        elif piece:
+            ids.extend(tokenizer.encode(piece))
+    return ids

@@ -4,30 +4,16 @@ import argparse
 import gc
 import io
 import json
-import re
 import time
 import tracemalloc
 from typing import Literal
 
 import pytest
-from k2_tokenizer_fixture import K2_FIRST_SPECIAL_ID, k2_test_tokenizer
+from k2_tokenizer_fixture import K2_FIRST_SPECIAL_ID, generated_ids, k2_test_tokenizer
 
 from k2jax.chat import Agent, render, render_text, schema_from_signature
 from k2jax.chat.agent import make_tool
 from k2jax.chat.cli import add_chat_arguments, run_chat
-
-_SPECIAL_NAME = re.compile(r"(<\|[a-z_0-9]+\|>|</?think>)")
-
-
-def generated_ids(text: str) -> list[int]:
-    tokenizer = k2_test_tokenizer()
-    ids = []
-    for piece in _SPECIAL_NAME.split(text):
-        if piece in tokenizer.special_ids:
-            ids.append(tokenizer.encode_special(piece))
-        elif piece:
-            ids.extend(tokenizer.encode(piece))
-    return ids
 
 
 def tool_call_turn(reasoning, *calls):

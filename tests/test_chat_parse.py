@@ -1,27 +1,12 @@
 """k2jax.chat.parse: reasoning, content and tool calls from generated turns, whole and streamed."""
 
 import json
-import re
 
 import pytest
-from k2_tokenizer_fixture import k2_test_tokenizer
+from k2_tokenizer_fixture import generated_ids, k2_test_tokenizer
 
 from k2jax.chat import StreamParser, parse, render_text
 from k2jax.chat.parse import function_name_from_call_id
-
-_SPECIAL_NAME = re.compile(r"(<\|[a-z_0-9]+\|>|</?think>|\[EOS\])")
-
-
-def generated_ids(text: str) -> list[int]:
-    """Token ids of a generated turn written with special-token names, as the model emits them."""
-    tokenizer = k2_test_tokenizer()
-    ids = []
-    for piece in _SPECIAL_NAME.split(text):
-        if piece in tokenizer.special_ids:
-            ids.append(tokenizer.encode_special(piece))
-        elif piece:
-            ids.extend(tokenizer.encode(piece))
-    return ids
 
 
 def section(*calls):
