@@ -151,10 +151,11 @@ def step_time(model: Model, batch: int, context: int, iters: int = 10) -> float:
         BatchSampling.from_params([SamplingParams(temperature=0.0)] * batch),
     )
     step = k2engine._step_fn(cfg, model.dtype, True, None)
+    params = k2engine.Engine(cfg, model.params, model.dtype).params  # the engine's own form
     times = []
     for i in range(iters + 2):
         t = time.perf_counter()
-        pages, seen, tok, _ = step(model.params, pages, seen, *args)
+        pages, seen, tok, _ = step(params, pages, seen, *args)
         tok.block_until_ready()
         if i >= 2:
             times.append(time.perf_counter() - t)

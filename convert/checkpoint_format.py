@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 FORMAT = "k2jax-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: w_k_up / w_v_up head-major [N, H|U, C] (1 had [C, N, H|U])
 MANIFEST = "k2jax_checkpoint.json"
 PARAMS_DIR = "params"
 CHUNK_BYTES = 32 << 20

@@ -72,9 +72,9 @@ def _kv_up(cfg: Config, k_path: Path, v_path: Path) -> Callable[[np.ndarray], Pl
     n, h, u = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
 
     def place(a: np.ndarray) -> Placement:
-        per_head = a.reshape(n, h + u, -1)
-        k = np.ascontiguousarray(per_head[:, :h].transpose(2, 0, 1))
-        v = np.ascontiguousarray(per_head[:, h:].transpose(2, 0, 1))
+        per_head = a.reshape(n, h + u, -1)  # [N, H + U, C]: already head-major, latent last
+        k = np.ascontiguousarray(per_head[:, :h])
+        v = np.ascontiguousarray(per_head[:, h:])
         return [(k_path, k), (v_path, v)]
 
     return place

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from k2jax import kv_cache
 from k2jax.config import Config
+from k2jax.expert_matmul import target_platform
 from k2jax.layers import RMSNorm, fan_in_init, param
 from k2jax.rope import apply_rope
 
@@ -44,11 +45,13 @@ class MLAttention(nn.Module):
             self, "w_kv_down", (d, kv + r), ("embed", "kv_lora_rope"), self.dtype
         )
         self.kv_norm = RMSNorm(kv, c.low_rank_norm_eps, "kv_lora", self.dtype)
+        # Head-major, latent last: the checkpoint's own kv_b_proj order, and the order the
+        # absorbed einsums (batched over heads) read without transposing the weight each step.
         self.w_k_up = param(
-            self, "w_k_up", (kv, n, h), ("kv_lora", "heads", "head_dim"), self.dtype
+            self, "w_k_up", (n, h, kv), ("heads", "head_dim", "kv_lora"), self.dtype
         )
         self.w_v_up = param(
-            self, "w_v_up", (kv, n, u), ("kv_lora", "heads", "v_head_dim"), self.dtype
+            self, "w_v_up", (n, u, kv), ("heads", "v_head_dim", "kv_lora"), self.dtype
         )
         self.w_o = param(
             self,
@@ -97,16 +100,31 @@ class MLAttention(nn.Module):
                 cache.pages, layer, cache.block_tables, positions_BT, latents_BTW
             )
         with jax.named_scope("mla_absorbed"):
-            cached_BSW = kv_cache.read_layer(pages, layer, cache.block_tables)
-            out_BTNU = self.absorbed(q_nope_BTNH, q_pe_BTNR, cached_BSW, positions_BT)
+            if target_platform() == "cpu":
+                # One row at a time on the CPU: each row's gathered pages ([S, W], ~2.4 MB at
+                # 1K positions in float32) stay in cache and the step's scratch stays small;
+                # the whole batch's gather ([B, S, W]) is XLA:CPU's largest temporary, and
+                # scratch past glibc's 32 MB mmap limit is fresh, page-faulting memory each step.
+                def one_row(row):
+                    table_P, q_nope_TNH, q_pe_TNR, pos_T = row
+                    cached_1PKW = kv_cache.read_pages(pages, layer, table_P[None])
+                    return self.absorbed(
+                        q_nope_TNH[None], q_pe_TNR[None], cached_1PKW, pos_T[None]
+                    )[0]
+
+                rows = (cache.block_tables, q_nope_BTNH, q_pe_BTNR, positions_BT)
+                out_BTNU = jax.lax.map(one_row, rows)
+            else:
+                cached_BPKW = kv_cache.read_pages(pages, layer, cache.block_tables)
+                out_BTNU = self.absorbed(q_nope_BTNH, q_pe_BTNR, cached_BPKW, positions_BT)
         return jnp.einsum("BTNU,NUD->BTD", out_BTNU, self.w_o), pages
 
     def _naive(self, q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT):
         c = self.cfg
         c_kv_BSC = latents_BTW[..., : c.kv_lora_rank]
         k_pe_BSR = latents_BTW[..., c.kv_lora_rank :]
-        k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", c_kv_BSC, self.w_k_up)
-        v_BSNU = jnp.einsum("BSC,CNU->BSNU", c_kv_BSC, self.w_v_up)
+        k_nope_BSNH = jnp.einsum("BSC,NHC->BSNH", c_kv_BSC, self.w_k_up)
+        v_BSNU = jnp.einsum("BSC,NUC->BSNU", c_kv_BSC, self.w_v_up)
         scores_BNTS = jnp.einsum(
             "BTNH,BSNH->BNTS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=jnp.float32
         ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)
@@ -114,21 +132,33 @@ class MLAttention(nn.Module):
         probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
         return jnp.einsum("BNTS,BSNU->BTNU", probs_BNTS.astype(v_BSNU.dtype), v_BSNU)
 
-    def absorbed(self, q_nope_BTNH, q_pe_BTNR, cached_BSW, positions_BT):
-        """Attention over cached latents [B, S, W] (S = sequence positions 0..S-1)."""
+    def absorbed(self, q_nope_BTNH, q_pe_BTNR, cached_BPKW, positions_BT):
+        """Attention over cached pages [B, P, K, W] in sequence order (position p * K + k)."""
         c = self.cfg
-        cached_BSW = cached_BSW.astype(q_nope_BTNH.dtype)
-        c_kv_BSC = cached_BSW[..., : c.kv_lora_rank]
-        k_pe_BSR = cached_BSW[..., c.kv_lora_rank :]
-        # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key.
-        q_lat_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, self.w_k_up)
-        scores_BNTS = jnp.einsum(
-            "BTNC,BSC->BNTS", q_lat_BTNC, c_kv_BSC, preferred_element_type=jnp.float32
-        ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32)
-        key_pos_BS = jnp.broadcast_to(jnp.arange(cached_BSW.shape[1]), cached_BSW.shape[:2])
+        b, p, k, w = cached_BPKW.shape
+        cached_BPKW = cached_BPKW.astype(q_nope_BTNH.dtype)
+        # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key;
+        # with the rope query beside it, one dot against whole cached rows [c_kv | k_pe] gives
+        # q_lat . c_kv + q_pe . k_pe, and no slice of the cache is ever copied out.
+        q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        q_BTNW = jnp.concatenate([q_lat_BTNC, q_pe_BTNR.astype(q_lat_BTNC.dtype)], axis=-1)
+        # Both dots keep the gathered pages as they are: the cache is the left operand with its
+        # contracted axis minor, and the weighted sum contracts (page, slot) rather than their
+        # flattening. Written over flat positions, XLA:CPU transposed the gathered cache for
+        # each of them, every step (measured ~0.8 ms per layer and row at 1K positions).
+        scores_BPKTN = jnp.einsum(
+            "BPKW,BTNW->BPKTN", cached_BPKW, q_BTNW, preferred_element_type=jnp.float32
+        )
+        scores_BNTS = jnp.transpose(
+            scores_BPKTN.reshape(b, p * k, *q_BTNW.shape[1:3]), (0, 3, 2, 1)
+        )
+        key_pos_BS = jnp.broadcast_to(jnp.arange(p * k), (b, p * k))
         probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
-        out_lat_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS.astype(c_kv_BSC.dtype), c_kv_BSC)
-        return jnp.einsum("BTNC,CNU->BTNU", out_lat_BTNC, self.w_v_up)
+        probs_BNTPK = probs_BNTS.astype(cached_BPKW.dtype).reshape(*probs_BNTS.shape[:3], p, k)
+        # The weighted sum also runs over whole rows; its k_pe part (R of W columns) is dropped.
+        out_BTNW = jnp.einsum("BNTPK,BPKW->BTNW", probs_BNTPK, cached_BPKW)
+        out_lat_BTNC = out_BTNW[..., : c.kv_lora_rank]
+        return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
 
     def _softmax(self, scores_BNTS, query_pos_BT, key_pos_BS):
         # A key is visible when it is not padding and not after the query (causal by position).

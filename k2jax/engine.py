@@ -153,7 +153,11 @@ class Engine:
         rules=(),
     ):
         self.cfg = cfg
-        self.params = params
+        # On one CPU device the layers run unrolled over per-layer views of the stacks, so no
+        # step copies weights out of a stack (see k2jax.model.unstack_layers).
+        devices = {d for leaf in jax.tree.leaves(params) for d in leaf.devices()}
+        on_one_cpu = mesh is None and len(devices) == 1 and devices.pop().platform == "cpu"
+        self.params = k2model.unstack_layers(params) if on_one_cpu else params
         self.dtype = jnp.dtype(dtype)
         self.engine_cfg = engine_cfg or EngineConfig()
         if self.engine_cfg.cache_dtype is not None:

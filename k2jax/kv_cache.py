@@ -62,11 +62,15 @@ def write_layer(
     return pages.at[layer, page_ids, slots].set(values_BTW.astype(pages.dtype))
 
 
-def read_layer(pages: jax.Array, layer: jax.Array | int, block_tables_BP: jax.Array) -> jax.Array:
-    """The sequence-ordered cache of ``layer`` for each row: [B, P_seq * S_page, W].
+def read_pages(pages: jax.Array, layer: jax.Array | int, block_tables_BP: jax.Array) -> jax.Array:
+    """Each row's pages of ``layer`` in sequence order: [B, P_seq, S_page, W].
 
     Only the pages named in the block tables are read, so the cost follows the table width.
     """
+    return pages[layer, block_tables_BP]
+
+
+def read_layer(pages: jax.Array, layer: jax.Array | int, block_tables_BP: jax.Array) -> jax.Array:
+    """The sequence-ordered cache of ``layer`` for each row: [B, P_seq * S_page, W]."""
     b, p = block_tables_BP.shape
-    rows = pages[layer, block_tables_BP]
-    return rows.reshape(b, p * pages.shape[2], pages.shape[3])
+    return read_pages(pages, layer, block_tables_BP).reshape(b, p * pages.shape[2], pages.shape[3])

@@ -24,6 +24,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from k2jax import kv_cache
 from k2jax.attention import MLAttention
@@ -250,7 +251,12 @@ def forward(
         if n == 0:
             continue
         block = _block(cfg, stack, dtype)
-        per_layer, whole = _split_in_place(params[stack])
+        if isinstance(params[stack], list | tuple):  # per-layer arrays (``unstack_layers``)
+            layer_params_list, whole = params[stack], None
+            if len(layer_params_list) != n:
+                raise ValueError(f"{stack}: {len(layer_params_list)} layers, the config has {n}")
+        else:
+            per_layer, whole = _split_in_place(params[stack])
 
         def step(carry, layer_params, block=block, first=layer, whole=whole):
             x, pages, layer = carry
@@ -269,7 +275,10 @@ def forward(
             return (x, pages, layer + 1), None
 
         carry = (x_BTD, pages, jnp.asarray(layer, jnp.int32))
-        if scan_layers:
+        if isinstance(params[stack], list | tuple):
+            for layer_params in layer_params_list:
+                carry, _ = step(carry, layer_params)
+        elif scan_layers:
             carry, _ = jax.lax.scan(step, carry, per_layer)
         else:
             for i in range(n):
@@ -277,6 +286,37 @@ def forward(
         x_BTD, pages, _ = carry
         layer += n
     return x_BTD, pages
+
+
+def unstack_layers(params: dict) -> dict:
+    """``params`` with each layer stack as a tuple of per-layer param dicts.
+
+    ``forward`` runs such stacks unrolled, every weight its own array. That is what the CPU
+    wants: XLA:CPU's dots cannot read a slice of a stacked array in place, so a scanned (or
+    ``a[i]``-unrolled) stack copies every layer's weights out before its matmuls, each step
+    (measured: ~30% of a decode step of the benchmark model). On one CPU device the layers are
+    views of the stacked buffers (``jax.device_put`` of a numpy view aliases it), so this costs
+    no memory; elsewhere each layer is a copy. The stacked form stays the canonical one
+    (checkpoints, sharding rules, TPU scans).
+    """
+    out = dict(params)
+    for stack in STACKS:
+        if stack not in params or isinstance(params[stack], list | tuple):
+            continue
+        n = jax.tree.leaves(params[stack])[0].shape[0]
+        out[stack] = tuple(
+            jax.tree.map(lambda a, i=i: _layer_of(a, i), params[stack]) for i in range(n)
+        )
+    return out
+
+
+def _layer_of(a: jax.Array, i: int) -> jax.Array:
+    """Layer ``i`` of stacked array ``a``: an aliasing view on one CPU device, else a copy."""
+    if isinstance(a, jax.Array) and a.is_fully_addressable and len(a.devices()) == 1:
+        (device,) = a.devices()
+        if device.platform == "cpu":
+            return jax.device_put(np.asarray(a)[i], device)
+    return a[i]
 
 
 def _split_in_place(stack_params: dict) -> tuple[dict, dict | None]:

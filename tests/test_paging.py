@@ -95,8 +95,8 @@ def test_absorbed_attention_over_paged_cache_equals_naive():
 
     def both(m):
         q_nope, q_pe = m._queries(x, cos, sin)
-        cached = kv_cache.read_layer(pages, 0, tables)
-        latents = cached[:, :t]
+        latents = kv_cache.read_layer(pages, 0, tables)[:, :t]
+        cached = kv_cache.read_pages(pages, 0, tables)
         return m.absorbed(q_nope, q_pe, cached, pos), m._naive(q_nope, q_pe, latents, pos)
 
     absorbed, naive = attn.apply(params, method=both)
