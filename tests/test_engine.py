@@ -250,6 +250,36 @@ def test_decode_after_chunked_prefill_equals_full_forward(model):
     assert not np.asarray(pages)[:, unused].any()
 
 
+def test_cpu_engine_runs_on_per_layer_views_of_the_stacks(model):
+    """On one CPU device the engine runs unrolled over per-layer views of the layer stacks (so
+    XLA:CPU never copies a layer's weights out of a stack): each view aliases its slice of the
+    stacked buffer, costing no memory, and forward over the views equals forward over the
+    stacks."""
+    engine = k2engine.Engine(model.config, model.params, model.dtype)
+    stacks = [s for s in k2model.STACKS if s in model.params]
+    assert stacks
+    for stack in stacks:
+        layers = engine.params[stack]
+        assert isinstance(layers, tuple)
+        assert len(layers) == jax.tree.leaves(model.params[stack])[0].shape[0]
+        for i, layer in enumerate(layers):
+            for whole, view in zip(
+                jax.tree.leaves(model.params[stack]), jax.tree.leaves(layer), strict=True
+            ):
+                step = whole.nbytes // whole.shape[0]
+                assert view.shape == whole.shape[1:] and view.dtype == whole.dtype
+                assert view.unsafe_buffer_pointer() == whole.unsafe_buffer_pointer() + i * step
+    tokens = jnp.asarray([RAGGED[2]])
+    positions = jnp.arange(tokens.shape[1])[None]
+
+    def hidden(params):
+        return k2model.forward(params, tokens, positions, cfg=model.config, dtype=jnp.float32)[0]
+
+    np.testing.assert_allclose(
+        np.asarray(hidden(engine.params)), np.asarray(hidden(model.params)), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_sampled_tokens_depend_only_on_the_request_seed(model):
     """A sampled request draws the same tokens alone and in a batch with other requests."""
 
