@@ -137,15 +137,36 @@ class MLAttention(nn.Module):
         c = self.cfg
         b, p, k, w = cached_BPKW.shape
         cached_BPKW = cached_BPKW.astype(q_nope_BTNH.dtype)
-        # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key;
-        # with the rope query beside it, one dot against whole cached rows [c_kv | k_pe] gives
-        # q_lat . c_kv + q_pe . k_pe, and no slice of the cache is ever copied out.
+        # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key.
         q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        if target_platform() == "cpu":
+            out_lat_BTNC = self._latent_sum_cpu(q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT)
+        else:
+            cached_BSW = cached_BPKW.reshape(b, p * k, w)
+            c_kv_BSC = cached_BSW[..., : c.kv_lora_rank]
+            k_pe_BSR = cached_BSW[..., c.kv_lora_rank :]
+            f32 = jnp.float32
+            key_pos_BS = jnp.broadcast_to(jnp.arange(p * k), (b, p * k))
+            scores_BNTS = jnp.einsum(
+                "BTNC,BSC->BNTS", q_lat_BTNC, c_kv_BSC, preferred_element_type=f32
+            ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=f32)
+            probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
+            out_lat_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS.astype(c_kv_BSC.dtype), c_kv_BSC)
+        return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
+
+    def _latent_sum_cpu(self, q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT):
+        """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv, laid out for XLA:CPU.
+
+        With the rope query beside the latent one, one dot against whole cached rows
+        [c_kv | k_pe] gives both score terms, and no slice of the cache is copied out. Both dots
+        keep the gathered pages as they are: the cache is the left operand with its contracted
+        axis minor, and the weighted sum contracts (page, slot) over whole rows, its k_pe
+        columns dropped after. Written over flat positions with c_kv sliced (the form kept for
+        TPU, where it reads fewer bytes), XLA:CPU copied and transposed the gathered cache for
+        each dot, every step (~0.8 ms per layer and row at 1K positions).
+        """
+        b, p, k, _ = cached_BPKW.shape
         q_BTNW = jnp.concatenate([q_lat_BTNC, q_pe_BTNR.astype(q_lat_BTNC.dtype)], axis=-1)
-        # Both dots keep the gathered pages as they are: the cache is the left operand with its
-        # contracted axis minor, and the weighted sum contracts (page, slot) rather than their
-        # flattening. Written over flat positions, XLA:CPU transposed the gathered cache for
-        # each of them, every step (measured ~0.8 ms per layer and row at 1K positions).
         scores_BPKTN = jnp.einsum(
             "BPKW,BTNW->BPKTN", cached_BPKW, q_BTNW, preferred_element_type=jnp.float32
         )
@@ -155,10 +176,8 @@ class MLAttention(nn.Module):
         key_pos_BS = jnp.broadcast_to(jnp.arange(p * k), (b, p * k))
         probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
         probs_BNTPK = probs_BNTS.astype(cached_BPKW.dtype).reshape(*probs_BNTS.shape[:3], p, k)
-        # The weighted sum also runs over whole rows; its k_pe part (R of W columns) is dropped.
         out_BTNW = jnp.einsum("BNTPK,BPKW->BTNW", probs_BNTPK, cached_BPKW)
-        out_lat_BTNC = out_BTNW[..., : c.kv_lora_rank]
-        return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
+        return out_BTNW[..., : self.cfg.kv_lora_rank]
 
     def _softmax(self, scores_BNTS, query_pos_BT, key_pos_BS):
         # A key is visible when it is not padding and not after the query (causal by position).

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax import kv_cache
+from k2jax import attention, kv_cache
 from k2jax.attention import MLAttention
 from k2jax.config import Config
 from k2jax.page_allocator import OutOfPages, PageAllocator, pages_for
@@ -73,9 +73,13 @@ def tiny_attention_cfg() -> Config:
     return Config.from_hf(reference.hf_config_dict())
 
 
-def test_absorbed_attention_over_paged_cache_equals_naive():
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_absorbed_attention_over_paged_cache_equals_naive(platform, monkeypatch):
     """Fill a paged cache (scattered pages) with a sequence's latents, then attend from every
-    position both ways: absorbed over the cache, naive over the same latents."""
+    position both ways: absorbed over the cache, naive over the same latents. Both absorbed
+    forms run here: XLA:CPU's (whole rows, one batch row at a time) and the one traced for
+    TPUs (c_kv sliced, batched), which is plain jnp."""
+    monkeypatch.setattr(attention, "target_platform", lambda: platform)
     cfg = tiny_attention_cfg()
     attn = MLAttention(cfg, jnp.float32)
     b, t, page = 2, 11, 4
