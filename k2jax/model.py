@@ -8,7 +8,9 @@ Pure functions over an explicit params pytree::
 
 Each stack runs as one ``jax.lax.scan`` over ``Block.apply`` (compiled once whatever the
 layer count); ``scan_layers=False`` unrolls the same params layer by layer (for tests and
-debugging). The paged KV cache, when given, is carried through the scan and updated in place.
+debugging). A stack given as a tuple of per-layer dicts (``unstack_layers``, what the engine
+uses on one CPU device) runs unrolled over those arrays without slicing anything. The paged KV
+cache, when given, is carried through the layers and updated in place.
 
 Logical axis names of every parameter come from ``param_axes``; ``sharding`` maps them to mesh
 axes. Activations carry logical hints (``act_batch``, ``vocab``) that take effect only under
@@ -251,7 +253,8 @@ def forward(
         if n == 0:
             continue
         block = _block(cfg, stack, dtype)
-        if isinstance(params[stack], list | tuple):  # per-layer arrays (``unstack_layers``)
+        unstacked = isinstance(params[stack], list | tuple)  # from ``unstack_layers``
+        if unstacked:
             layer_params_list, whole = params[stack], None
             if len(layer_params_list) != n:
                 raise ValueError(f"{stack}: {len(layer_params_list)} layers, the config has {n}")
@@ -275,7 +278,7 @@ def forward(
             return (x, pages, layer + 1), None
 
         carry = (x_BTD, pages, jnp.asarray(layer, jnp.int32))
-        if isinstance(params[stack], list | tuple):
+        if unstacked:
             for layer_params in layer_params_list:
                 carry, _ = step(carry, layer_params)
         elif scan_layers:
