@@ -139,14 +139,16 @@ class MLAttention(nn.Module):
         cached_BPKW = cached_BPKW.astype(q_nope_BTNH.dtype)
         # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key.
         q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        key_pos_BS = jnp.broadcast_to(jnp.arange(p * k), (b, p * k))
         if target_platform() == "cpu":
-            out_lat_BTNC = self._latent_sum_cpu(q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT)
+            out_lat_BTNC = self._latent_sum_cpu(
+                q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT, key_pos_BS
+            )
         else:
             cached_BSW = cached_BPKW.reshape(b, p * k, w)
             c_kv_BSC = cached_BSW[..., : c.kv_lora_rank]
             k_pe_BSR = cached_BSW[..., c.kv_lora_rank :]
             f32 = jnp.float32
-            key_pos_BS = jnp.broadcast_to(jnp.arange(p * k), (b, p * k))
             scores_BNTS = jnp.einsum(
                 "BTNC,BSC->BNTS", q_lat_BTNC, c_kv_BSC, preferred_element_type=f32
             ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=f32)
@@ -154,7 +156,7 @@ class MLAttention(nn.Module):
             out_lat_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS.astype(c_kv_BSC.dtype), c_kv_BSC)
         return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
 
-    def _latent_sum_cpu(self, q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT):
+    def _latent_sum_cpu(self, q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT, key_pos_BS):
         """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv, laid out for XLA:CPU.
 
         With the rope query beside the latent one, one dot against whole cached rows
@@ -173,7 +175,6 @@ class MLAttention(nn.Module):
         scores_BNTS = jnp.transpose(
             scores_BPKTN.reshape(b, p * k, *q_BTNW.shape[1:3]), (0, 3, 2, 1)
         )
-        key_pos_BS = jnp.broadcast_to(jnp.arange(p * k), (b, p * k))
         probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
         probs_BNTPK = probs_BNTS.astype(cached_BPKW.dtype).reshape(*probs_BNTS.shape[:3], p, k)
         out_BTNW = jnp.einsum("BNTPK,BPKW->BTNW", probs_BNTPK, cached_BPKW)

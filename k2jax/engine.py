@@ -153,10 +153,12 @@ class Engine:
         rules=(),
     ):
         self.cfg = cfg
+        devices = {d for leaf in jax.tree.leaves(params) for d in leaf.devices()}
+        # The params' one device (None when they span several): run() commits its pool there.
+        self._device = devices.pop() if len(devices) == 1 else None
         # On one CPU device the layers run unrolled over per-layer views of the stacks, so no
         # step copies weights out of a stack (see k2jax.model.unstack_layers).
-        devices = {d for leaf in jax.tree.leaves(params) for d in leaf.devices()}
-        on_one_cpu = mesh is None and len(devices) == 1 and devices.pop().platform == "cpu"
+        on_one_cpu = mesh is None and self._device is not None and self._device.platform == "cpu"
         self.params = k2model.unstack_layers(params) if on_one_cpu else params
         self.dtype = jnp.dtype(dtype)
         self.engine_cfg = engine_cfg or EngineConfig()
@@ -252,9 +254,8 @@ class Engine:
         seen = jnp.zeros((slots, self.cfg.vocab_size), jnp.int8)
         # Step outputs come back committed to the params' device; committing the fresh pool and
         # table too keeps the first call's program the one every later call reuses.
-        devices = {d for leaf in jax.tree.leaves(self.params) for d in leaf.devices()}
-        if len(devices) == 1:
-            device = jax.sharding.SingleDeviceSharding(devices.pop())
+        if self._device is not None:
+            device = jax.sharding.SingleDeviceSharding(self._device)
             pages, seen = jax.device_put((pages, seen), device)
         admissions = 0
 
