@@ -11,8 +11,9 @@ XLA's bf16 dot is ~20x slower than float32 on a CPU). Rows:
 
 - decode tokens/s at batch 1 and 8, context 512: k2jax's engine vs transformers ``generate``;
   both count only tokens after the first (prefill excluded);
-- routed experts of one layer at decode shapes: INT4 packed vs the same experts in bf16 and
-  float32 (``k2jax.expert_matmul.routed_experts``, the entry point the model uses);
+- routed experts of one layer at decode shapes: INT4 packed through the CPU kernel (the
+  default, k2jax.int4_cpu) and through the jnp formulation (``words_tiled``), vs the same
+  experts in bf16 and float32 (``k2jax.expert_matmul.routed_experts``, the model's entry point);
 - decode step time with 32 vs 256 experts at top-8 (random weights, same everything else);
 - decode step time at context 1K, 8K, 32K (batch 1; a synthetic filled cache, since the step's
   cost does not depend on the cached values).
@@ -23,6 +24,7 @@ Prints a markdown table; writes benchmarks/decode.png if matplotlib is installed
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -162,9 +164,9 @@ def step_time(model: Model, batch: int, context: int, iters: int = 10) -> float:
     return float(np.median(times))
 
 
-def experts_time(model: Model, batch: int, dtype, iters: int = 20) -> float:
+def experts_time(model: Model, batch: int, dtype, iters: int = 20, impl=None) -> float:
     """One MoE layer's routed experts at decode shapes, with the experts stored as ``dtype``
-    (None = the checkpoint's packed INT4)."""
+    (None = the checkpoint's packed INT4), through formulation ``impl`` (None = the default)."""
     cfg = model.config
     e = model.params["moe_layers"]["moe"]["experts"]
     ws = [
@@ -185,7 +187,7 @@ def experts_time(model: Model, batch: int, dtype, iters: int = 20) -> float:
         jnp.int32,
     )
     w = jnp.full((batch, cfg.num_experts_per_tok), 0.3, jnp.float32)
-    f = jax.jit(expert_matmul.routed_experts)
+    f = jax.jit(functools.partial(expert_matmul.routed_experts, impl=impl))
     f(x, ids, w, *ws).block_until_ready()
     t = time.perf_counter()
     for _ in range(iters):
@@ -234,11 +236,13 @@ def main() -> None:
             add(f"k2jax / transformers, batch {batch}", f"{ours / theirs:.2f}x")
     for batch in (1, 8):
         int4 = experts_time(model, batch, None)
+        int4_jnp = experts_time(model, batch, None, impl="words_tiled")
         bf16 = experts_time(model, batch, jnp.bfloat16)
         f32 = experts_time(model, batch, jnp.float32)
         add(
-            f"routed experts of one layer, batch {batch}: INT4 / bf16 / f32 (ms)",
-            f"{int4 * 1e3:.2f} / {bf16 * 1e3:.2f} / {f32 * 1e3:.2f}",
+            f"routed experts of one layer, batch {batch}: "
+            "INT4 (CPU kernel) / INT4 (jnp) / bf16 / f32 (ms)",
+            f"{int4 * 1e3:.2f} / {int4_jnp * 1e3:.2f} / {bf16 * 1e3:.2f} / {f32 * 1e3:.2f}",
         )
     del ref
     small, big = random_model(over, 32), random_model(over, 256)

@@ -5,8 +5,9 @@
     the packed INT4 + scale bytes. The Pallas kernel's weight reads are invisible to XLA's cost
     analysis; they are added from its BlockSpecs (each 8-row tile streams the weight once; the
     MoE prefill path uses 128-row tiles) and marked "+kernel".
-(b) On this CPU, wall time of the CPU formulation (packed int32 words) against a float32 matvec
-    on the dequantized weight and a bf16 one.
+(b) On this CPU, wall time of the CPU formulations (packed int32 words: the fused kernel of
+    k2jax.int4_cpu, the default, and the two jnp ones) against a float32 matvec on the
+    dequantized weight and a bf16 one.
 
     python benchmarks/int4_matmul.py [--json] [--skip-cpu] [--skip-tpu] [--topologies v5p:2x2x1]
 """
@@ -26,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from k2jax import expert_matmul as em  # noqa: E402
-from k2jax import int4_pallas  # noqa: E402
+from k2jax import int4_cpu, int4_pallas  # noqa: E402
 from k2jax.quant import QuantizedWeight  # noqa: E402
 
 GS = 32
@@ -181,8 +182,16 @@ def cpu_table():
                 x,
                 wb,
             )
-            # The per-pair decode projection routed_experts uses on the CPU (words_decode)...
             ids = jnp.zeros((b,), jnp.int32)
+            # The fused kernel (cpu_kernel, the CPU default): packed rows decoded in registers.
+            t_kernel = _time(
+                lambda x, p, s, ids: int4_cpu.project(x, ids, QuantizedWeight(p, s, GS)),
+                x,
+                words,
+                scale,
+                ids,
+            )
+            # The jnp per-pair projection (words_decode)...
             t_dec = _time(
                 lambda x, p, s, ids: em._words_project(x, p[ids], s[ids]), x, words, scale, ids
             )
@@ -196,8 +205,10 @@ def cpu_table():
                     batch=b,
                     f32_dequantized_ms=t_f32 * 1e3,
                     bf16_ms=t_bf16 * 1e3,
+                    cpu_kernel_ms=t_kernel * 1e3,
                     words_decode_ms=t_dec * 1e3,
                     words_tiled_ms=t_grp * 1e3,
+                    kernel_vs_f32=t_kernel / t_f32,
                     decode_vs_f32=t_dec / t_f32,
                     grouped_vs_f32=t_grp / t_f32,
                     decode_vs_bf16=t_dec / t_bf16,
@@ -262,8 +273,10 @@ def main():
                     "batch",
                     "f32_dequantized_ms",
                     "bf16_ms",
+                    "cpu_kernel_ms",
                     "words_decode_ms",
                     "words_tiled_ms",
+                    "kernel_vs_f32",
                     "decode_vs_f32",
                     "grouped_vs_f32",
                     "decode_vs_bf16",

@@ -41,10 +41,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from k2jax import int4_pallas
+from k2jax import int4_cpu, int4_pallas
 from k2jax.quant import NIBBLES_PER_WORD, QuantizedWeight
 
-IMPLS = ("naive", "words_decode", "words_tiled", "int4_unrolled", "pallas")
+IMPLS = ("naive", "cpu_kernel", "words_decode", "words_tiled", "int4_unrolled", "pallas")
 # The jnp TPU fallback unrolls one dot per pair; past this, compile time is not worth it.
 UNROLL_MAX_PAIRS = 64
 
@@ -142,6 +142,8 @@ def choose_impl(w: QuantizedWeight | Int4Weight | jax.Array, num_pairs: int) -> 
             return "pallas"
         return "int4_unrolled" if num_pairs <= UNROLL_MAX_PAIRS else "naive"
     if isinstance(w, QuantizedWeight):
+        if target_platform() == "cpu" and int4_cpu.supports(w):
+            return "cpu_kernel"
         return "words_tiled"
     return "naive"
 
@@ -168,9 +170,9 @@ def routed_experts(
     impl = impl or choose_impl(gate_EMD, num_tokens * k)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl not in ("pallas", "words_tiled"):
-        # The tile loops (Pallas on TPU, words_tiled on CPU) index a layer stack in place; the
-        # other forms take the layer's slice, which XLA fuses into their gathers.
+    if impl not in ("pallas", "words_tiled", "cpu_kernel"):
+        # The kernels and the tile loops index a layer stack in place; the other forms take the
+        # layer's slice, which XLA fuses into their gathers.
         gate_EMD, up_EMD, down_EDM = (_unstacked(w) for w in (gate_EMD, up_EMD, down_EDM))
     num_local = num_experts(gate_EMD)
     local_TK = expert_ids_TK - expert_offset
@@ -179,6 +181,8 @@ def routed_experts(
     with jax.named_scope(f"routed_experts_{impl}"):
         if impl == "pallas":
             y_TD = _pallas(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+        elif impl == "cpu_kernel":
+            y_TD = _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
         elif impl == "words_tiled":
             y_TD = _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
         else:
@@ -224,6 +228,22 @@ def _naive(x_TD, ids_TK, weights_TK, gate, up, down):
     h_TKM = _swiglu(g, u).astype(dt)
     y_TKD = jnp.einsum("TKM,TKDM->TKD", h_TKM, _dense(down, ids_TK, dt), preferred_element_type=f32)
     return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
+
+
+# --- CPU: the fused INT4 kernel (k2jax/csrc/int4_matvec.cc) -------------------------------------
+
+
+def _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate, up, down):
+    """Three kernel calls; each reads only the chosen experts, packed, once per call."""
+    if not all(isinstance(w, QuantizedWeight) for w in (gate, up, down)):
+        raise TypeError("cpu_kernel needs QuantizedWeight experts")
+    t, k = local_TK.shape
+    ids_P = jnp.where(mine_TK, local_TK, -1).reshape(-1)  # -1: another shard's expert
+    g_PM = int4_cpu.project(x_TD, ids_P, gate)  # a token's k pairs share its row of x
+    u_PM = int4_cpu.project(x_TD, ids_P, up)
+    h_PM = _swiglu(g_PM, u_PM).astype(x_TD.dtype)
+    y_PD = int4_cpu.project(h_PM, ids_P, down)
+    return jnp.einsum("TKD,TK->TD", y_PD.reshape(t, k, -1), weights_TK)
 
 
 # --- CPU decode: gathered words, multiply-sum per group ------------------------------------------

@@ -93,7 +93,7 @@ def test_formulations_match_float32_reference(experts, layout, t, k, offset):
         weights = tuple(to_int4_layout(w) for w in weights)
         impls = ("naive", "int4_unrolled", "pallas")
     else:
-        impls = ("naive", "words_decode", "words_tiled")
+        impls = ("naive", "cpu_kernel", "words_decode", "words_tiled")
     # ids span [0, 12): with offset 3 the choices below 3 and from 9 on belong to other shards.
     x, ids, wts = _inputs(t, k, 12 if offset else 4, seed=t * 10 + k)
     for impl in impls:
@@ -149,10 +149,18 @@ def test_pallas_kernel_exact_per_projection(experts):
 
 
 def test_every_impl_is_covered_and_choice_is_by_layout():
-    assert set(IMPLS) == {"naive", "words_decode", "words_tiled", "int4_unrolled", "pallas"}
+    assert set(IMPLS) == {
+        "naive",
+        "cpu_kernel",
+        "words_decode",
+        "words_tiled",
+        "int4_unrolled",
+        "pallas",
+    }
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
-    assert choose_impl(words, 8) == "words_tiled"
-    assert choose_impl(words, 4096) == "words_tiled"
+    want = "cpu_kernel" if jax.default_backend() == "cpu" else "words_tiled"
+    assert choose_impl(words, 8) == want
+    assert choose_impl(words, 4096) == want
     assert isinstance(to_int4_layout(words), Int4Weight)
     if jax.default_backend() == "cpu":
         assert choose_impl(to_int4_layout(words), 8) == "int4_unrolled"
