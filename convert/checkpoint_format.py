@@ -168,9 +168,12 @@ def open_params(params_dir: str, paths) -> dict[tuple[str, ...], Any]:
     import tensorstore as ts
 
     return {
+        # file_io_sync (tensorstore's default, stated so it stays): every chunk write is
+        # fsynced before it completes, so a unit logged as done in progress.jsonl is on disk.
         p: ts.open(
             {**array_spec(params_dir, p), "store_data_equal_to_fill_value": True},
             open=True,
+            context=ts.Context({"file_io_sync": True}),
         ).result()
         for p in paths
     }
@@ -186,6 +189,15 @@ def expected_chunks(shape, chunks) -> int:
     return math.prod(-(-s // c) for s, c in zip(shape, chunks, strict=True))
 
 
+def fsync_dir(path: str) -> None:
+    """Make a rename or new entry in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -193,6 +205,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

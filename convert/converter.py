@@ -421,6 +421,7 @@ def convert(
         shutil.rmtree(old)
     else:
         os.replace(partial, out)
+    fmt.fsync_dir(os.path.dirname(os.path.abspath(out)))  # the rename itself survives power loss
     written = sum(
         int(np.prod(v["shape"])) * np.dtype(_np_name(v["dtype"])).itemsize for v in info.values()
     )

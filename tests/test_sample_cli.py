@@ -120,3 +120,58 @@ def test_mesh_flag_runs_sharded_with_the_same_tokens(tmp_path):
     sharded = json.loads(sharded_proc.stdout)
     assert "sharded over mesh data=1,expert=4,tensor=2" in sharded["model"]
     assert sharded["new_ids"] == plain["new_ids"] and len(plain["new_ids"]) == 6
+
+
+def test_chat_mode_streams_the_reference_greedy_reply_as_parsed_text(tmp_path):
+    """``--chat`` end to end on a checkpoint with K2's tokenizer format (163,840 ids, specials
+    at K2's ids): the prompt is K2's chat rendering, the reply is transformers' greedy tokens
+    for it, streamed as text behind its label."""
+    import base64
+    import shutil
+
+    from k2_tokenizer_fixture import k2_test_tokenizer, k2_tokenizer_dir
+
+    from k2jax.chat.parse import StreamParser
+    from k2jax.chat.render import render
+
+    ref = reference.build(seed=3, vocab_size=163_840)
+    # The fixture pads its vocabulary with unreachable filler tokens; zero their rows of the
+    # head so greedy picks tokens that decode to text (the rest of the head stays random).
+    lines = (k2_tokenizer_dir() / "tiktoken.model").read_text().split("\n")
+    filler = [
+        i
+        for i, line in enumerate(lines)
+        if line and base64.b64decode(line.split()[0])[:1] == b"\xff"
+    ]
+    head = ref.torch_model.lm_head.weight
+    with reference.torch.no_grad():
+        head[filler] = 0.0
+    ref.tensors["lm_head.weight"] = head.detach().to(reference.torch.bfloat16).clone()
+    ckpt = reference.write_checkpoint(ref, tmp_path / "ckpt")
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        shutil.copy(k2_tokenizer_dir() / name, os.path.join(ckpt, name))
+
+    question = "What is the weather in Paris today?"
+    proc = run_cli(
+        ["--checkpoint", ckpt, "--chat", question, "--max-new-tokens", "10", "--temperature", "0"],
+        tmp_path,
+    )
+    tok = k2_test_tokenizer()
+    prompt = render([{"role": "user", "content": question}], tokenizer=tok)
+    stop = [tok.encode_special("<|im_end|>"), tok.eos_id]
+    want_ids = ref.torch_model.generate(
+        input_ids=reference.torch.tensor([prompt]),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=stop,
+        pad_token_id=ref.raw["pad_token_id"],
+    )[0, len(prompt) :].tolist()
+    parser = StreamParser(tok)
+    parser.feed(want_ids)
+    parser.finish()
+    want = parser.result()
+    text = want["reasoning_content"] or want["content"]
+    assert text.strip(), want  # the reply is readable text, not an empty or filler stream
+    label = "[thinking] " if want["reasoning_content"] else "[answer] "
+    assert proc.stdout.startswith(label), proc.stdout
+    assert text in proc.stdout
