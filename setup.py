@@ -1,9 +1,11 @@
-"""Builds k2jax's one native piece: the XLA:CPU fused INT4 matvec (k2jax/csrc/int4_matvec.cc).
+"""Builds k2jax's one native piece: its XLA:CPU kernels (k2jax/csrc), one shared library.
 
-Everything else is configured in pyproject.toml. The kernel compiles against the XLA FFI
-headers that jaxlib ships (a build requirement, pinned to the runtime jaxlib). It is optional:
-where no C++ compiler is found the install still succeeds and the CPU falls back to the slower
-jnp formulation (``k2jax.int4_cpu.available()`` says which; see docs/int4.md).
+They are the fused INT4 expert matvec (int4_matvec.cc) and absorbed attention over the paged
+latent cache (latent_attention.cc). Everything else is configured in pyproject.toml. The
+kernels compile against the XLA FFI headers that jaxlib ships (a build requirement, pinned to
+the runtime jaxlib). They are optional: where no C++ compiler is found the install still
+succeeds and the CPU falls back to slower jnp formulations (``k2jax.cpu_kernels.available()``
+says which; see docs/int4.md).
 """
 
 import os
@@ -16,12 +18,19 @@ INCLUDE = os.path.join(os.path.dirname(jaxlib.__file__), "include")
 setup(
     ext_modules=[
         Extension(
-            "k2jax._int4_matvec",
-            sources=["k2jax/csrc/int4_matvec.cc"],
+            "k2jax._cpu_kernels",
+            sources=["k2jax/csrc/int4_matvec.cc", "k2jax/csrc/latent_attention.cc"],
             include_dirs=[INCLUDE],
             language="c++",
             # Instruction sets are chosen per function and checked at run time, so no -march.
-            extra_compile_args=["-std=c++17", "-O3", "-Wno-attributes", "-Wno-return-type"],
+            # -ffp-contract=fast lets the vectorized loops use FMA (ISO C++ mode turns it off).
+            extra_compile_args=[
+                "-std=c++17",
+                "-O3",
+                "-ffp-contract=fast",
+                "-Wno-attributes",
+                "-Wno-return-type",
+            ],
             optional=True,
         )
     ]

@@ -5,7 +5,9 @@
 - ``absorbed`` (paged): the key up-projection W_UK is folded into the query, scores are taken
   against the cached latents directly (q_lat . c_kv + q_pe . k_pe), the weighted sum runs over
   the latents, and the value up-projection W_UV is applied afterwards. Used for chunked prefill
-  and decode against the paged cache; the cache holds C + R values per token and layer.
+  and decode against the paged cache; the cache holds C + R values per token and layer. On the
+  CPU it runs through k2jax's kernel (k2jax.attention_cpu), which reads the pool in place;
+  without the kernel library, through XLA:CPU in jnp.
 
 Both write the same normalized latent and rotated rope key, so a cache filled by either serves
 the other.
@@ -17,13 +19,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k2jax import kv_cache
+from k2jax import attention_cpu, cpu_kernels, kv_cache
 from k2jax.config import Config
 from k2jax.expert_matmul import target_platform
 from k2jax.layers import RMSNorm, fan_in_init, param
 from k2jax.rope import apply_rope
 
 NEG_INF = -1e30
+
+
+def _use_cpu_kernel() -> bool:
+    """Absorbed attention through k2jax's CPU kernel (k2jax.attention_cpu): on the CPU, where
+    the kernel library was built."""
+    return target_platform() == "cpu" and cpu_kernels.available()
 
 
 class MLAttention(nn.Module):
@@ -100,7 +108,11 @@ class MLAttention(nn.Module):
                 cache.pages, layer, cache.block_tables, positions_BT, latents_BTW
             )
         with jax.named_scope("mla_absorbed"):
-            if target_platform() == "cpu":
+            if _use_cpu_kernel():
+                out_BTNU = self.absorbed_cpu_kernel(
+                    q_nope_BTNH, q_pe_BTNR, pages, layer, cache.block_tables, positions_BT
+                )
+            elif target_platform() == "cpu":
                 # One row at a time on the CPU: each row's gathered pages ([S, W], ~2.4 MB at
                 # 1K positions in float32) stay in cache and the step's scratch stays small;
                 # the whole batch's gather ([B, S, W]) is XLA:CPU's largest temporary, and
@@ -131,6 +143,24 @@ class MLAttention(nn.Module):
         key_pos_BS = positions_BT
         probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
         return jnp.einsum("BNTS,BSNU->BTNU", probs_BNTS.astype(v_BSNU.dtype), v_BSNU)
+
+    def absorbed_cpu_kernel(self, q_nope_BTNH, q_pe_BTNR, pages, layer, tables_BP, positions_BT):
+        """``absorbed`` through the CPU kernel, which reads ``layer`` of the pool in place."""
+        c = self.cfg
+        q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        q_BTNW = jnp.concatenate(
+            [q_lat_BTNC.astype(jnp.float32), q_pe_BTNR.astype(jnp.float32)], axis=-1
+        )
+        out_lat_BTNC = attention_cpu.attend(
+            q_BTNW,
+            pages,
+            layer,
+            tables_BP,
+            positions_BT,
+            scale=c.softmax_scale,
+            latent=c.kv_lora_rank,
+        ).astype(q_nope_BTNH.dtype)
+        return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
 
     def absorbed(self, q_nope_BTNH, q_pe_BTNR, cached_BPKW, positions_BT):
         """Attention over cached pages [B, P, K, W] in sequence order (position p * K + k)."""

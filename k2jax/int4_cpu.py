@@ -6,66 +6,26 @@ registers and multiplied against every pair routed to it, reading 4.5 bits per w
 the CPU counterpart of the TPU Pallas kernel (k2jax.int4_pallas); docs/int4.md has the
 measurements that made it the CPU's default.
 
-The kernel is a shared library that ``pip install`` builds (setup.py); it ships with no
-checkpoint and runs no code from one. Where it was not built (no C++ compiler at install time)
-``available()`` is False and ``k2jax.expert_matmul`` falls back to its jnp formulation.
+The kernel lives in k2jax's CPU kernel library (``k2jax.cpu_kernels``). Where that was not
+built, ``supports`` is False and ``k2jax.expert_matmul`` falls back to its jnp formulation.
 """
 
 from __future__ import annotations
-
-import ctypes
-import functools
-import importlib.util
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from k2jax import cpu_kernels
 from k2jax.quant import QuantizedWeight
 
 TARGET = "k2jax_int4_matvec"
-MODULE = "k2jax._int4_matvec"
 GROUP_SIZE = 32  # the kernel's group size (K2's); other sizes use the jnp formulation
-# Instruction sets the kernel can be told to use (tests run each); "auto" is the best present.
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """Load the built kernel and register it with XLA once; None where it was not built."""
-    spec = importlib.util.find_spec(MODULE)
-    if spec is None or spec.origin is None:
-        warnings.warn(
-            "k2jax's CPU INT4 kernel was not built (no C++ compiler when k2jax was installed?); "
-            "routed experts use the slower jnp formulation. Reinstall with g++ present: "
-            'pip install -e ".[test]"',
-            stacklevel=3,
-        )
-        return None
-    lib = ctypes.cdll.LoadLibrary(spec.origin)
-    lib.K2jaxInt4MatvecBestIsa.restype = ctypes.c_int32
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.K2jaxInt4Matvec), platform="cpu")
-    return lib
-
-
-def available() -> bool:
-    """Whether the kernel was built and registered."""
-    return _library() is not None
-
-
-def best_isa() -> str:
-    """The instruction set ``isa="auto"`` runs on this CPU."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("k2jax's CPU INT4 kernel is not built")
-    code = lib.K2jaxInt4MatvecBestIsa()
-    return next(name for name, value in ISAS.items() if value == code)
 
 
 def supports(w: QuantizedWeight) -> bool:
     """Whether the kernel handles weight ``w`` (group size 32) and is available."""
-    return w.group_size == GROUP_SIZE and available()
+    return w.group_size == GROUP_SIZE and cpu_kernels.available()
 
 
 def project(
@@ -77,12 +37,10 @@ def project(
     ``w`` is [E, O, I] (packed [E, O, I/8], scales [E, O, I/32]) or, with ``w.layer`` set, a
     layer stack read in place at that layer (no copy of the layer's experts).
     """
-    if not available():
-        raise RuntimeError("k2jax's CPU INT4 kernel is not built")
+    cpu_kernels.require()
     if w.group_size != GROUP_SIZE:
         raise ValueError(f"the CPU INT4 kernel needs group size {GROUP_SIZE}, got {w.group_size}")
-    if isa not in ISAS:
-        raise ValueError(f"isa must be one of {tuple(ISAS)}, got {isa!r}")
+    isa_attr = np.int32(cpu_kernels.isa_code(isa))
     num_rows, inputs = x_RI.shape
     (num_pairs,) = expert_ids_P.shape
     if num_pairs % num_rows:
@@ -104,6 +62,6 @@ def project(
         w.packed.astype(jnp.int32),
         w.scale.astype(jnp.bfloat16),
         layer,
-        isa=np.int32(ISAS[isa]),
+        isa=isa_attr,
         choices=np.int32(num_pairs // num_rows),
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-from k2jax import int4_cpu
+from k2jax import cpu_kernels, int4_cpu
 from k2jax.expert_matmul import choose_impl, routed_experts
 from k2jax.quant import QuantizedWeight
 
@@ -40,14 +40,14 @@ def _reference(x_RI, ids_P, dense_EOI):
 
 
 def _supported_isas():
-    best = int4_cpu.ISAS[int4_cpu.best_isa()]
-    return [name for name, code in int4_cpu.ISAS.items() if name == "auto" or code <= best]
+    best = cpu_kernels.ISAS[cpu_kernels.best_isa()]
+    return [name for name, code in cpu_kernels.ISAS.items() if name == "auto" or code <= best]
 
 
 def test_the_kernel_was_built_and_is_the_cpu_choice():
     """pip install builds it (setup.py); without it the CPU silently takes the slow path."""
-    assert int4_cpu.available()
-    assert int4_cpu.best_isa() in ("scalar", "avx2", "avx512")
+    assert cpu_kernels.available()
+    assert cpu_kernels.best_isa() in ("scalar", "avx2", "avx512")
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
     assert choose_impl(words, 1) == "cpu_kernel"
     assert choose_impl(words, 4096) == "cpu_kernel"

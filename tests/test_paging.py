@@ -73,13 +73,19 @@ def tiny_attention_cfg() -> Config:
     return Config.from_hf(reference.hf_config_dict())
 
 
-@pytest.mark.parametrize("platform", ["cpu", "tpu"])
-def test_absorbed_attention_over_paged_cache_equals_naive(platform, monkeypatch):
+@pytest.mark.parametrize("form", ["cpu-kernel", "cpu-jnp", "tpu"])
+def test_absorbed_attention_over_paged_cache_equals_naive(form, monkeypatch):
     """Fill a paged cache (scattered pages) with a sequence's latents, then attend from every
-    position both ways: absorbed over the cache, naive over the same latents. Both absorbed
-    forms run here: XLA:CPU's (whole rows, one batch row at a time) and the one traced for
-    TPUs (c_kv sliced, batched), which is plain jnp."""
+    position both ways: absorbed over the cache, naive over the same latents. Every absorbed
+    form runs here: the CPU kernel (k2jax.attention_cpu, in the layer's call), XLA:CPU's jnp
+    form (whole rows, one batch row at a time) and the one traced for TPUs (c_kv sliced,
+    batched), which is plain jnp."""
+    platform = form.split("-")[0]
     monkeypatch.setattr(attention, "target_platform", lambda: platform)
+    if form == "cpu-jnp":
+        monkeypatch.setattr(attention, "_use_cpu_kernel", lambda: False)
+    else:
+        assert attention._use_cpu_kernel() == (form == "cpu-kernel")
     cfg = tiny_attention_cfg()
     attn = MLAttention(cfg, jnp.float32)
     b, t, page = 2, 11, 4

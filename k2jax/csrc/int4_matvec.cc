@@ -14,20 +14,18 @@
 // "dequantize, then matmul" only in the order of the float32 sum.
 //
 // Work is split into (expert, block of rows) items shared by the calling thread and XLA's
-// intra-op thread pool through one atomic counter; the caller waits only for items that some
-// thread has claimed, so a busy pool cannot deadlock it.
+// intra-op thread pool (k2jax/csrc/common.h).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,12 +37,7 @@ constexpr int kBytesPerGroup = 16;  // 32 nibbles
 constexpr int kMaxPairsPerPass = 4;
 constexpr int64_t kRowsPerItem = 32;
 
-inline float Bf16ToF32(uint16_t bits) {
-  uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float out;
-  std::memcpy(&out, &widened, sizeof(out));
-  return out;
-}
+using k2jax::Bf16ToF32;
 
 // Within each group of 32 inputs, the kernels decode the low nibbles (even columns) then the
 // high nibbles (odd columns), so x is permuted once per call to match: [even 16 | odd 16].
@@ -176,32 +169,13 @@ struct Kernels {
   RowsFn by_pairs[kMaxPairsPerPass + 1];
 };
 
-// Instruction sets, as the `isa` attribute names them (0 picks the best this CPU has).
-enum Isa : int32_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+using k2jax::kAvx2;
+using k2jax::kAvx512;
 constexpr Kernels kScalarKernels = {{nullptr, RowsScalar, RowsScalar, RowsScalar, RowsScalar}};
 constexpr Kernels kAvx2Kernels = {
     {nullptr, RowsAvx2<1>, RowsAvx2<2>, RowsAvx2<3>, RowsAvx2<4>}};
 constexpr Kernels kAvx512Kernels = {
     {nullptr, RowsAvx512<1>, RowsAvx512<2>, RowsAvx512<3>, RowsAvx512<4>}};
-
-bool Supported(int32_t isa) {
-  __builtin_cpu_init();
-  switch (isa) {
-    case kScalar:
-      return true;
-    case kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case kAvx512:
-      return __builtin_cpu_supports("avx512f");
-    default:
-      return false;
-  }
-}
-
-int32_t BestIsa() {
-  static const int32_t best = Supported(kAvx512) ? kAvx512 : Supported(kAvx2) ? kAvx2 : kScalar;
-  return best;
-}
 
 const Kernels& KernelsFor(int32_t isa) {
   return isa == kAvx512 ? kAvx512Kernels : isa == kAvx2 ? kAvx2Kernels : kScalarKernels;
@@ -224,8 +198,6 @@ struct Job {
   int64_t outputs, inputs, groups;
   std::vector<int64_t> order;  // pairs sorted by expert
   std::vector<Item> items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   void RunItem(const Item& item) const {
     const int64_t row_bytes = inputs / 2;
@@ -245,25 +217,17 @@ struct Job {
       kernels->by_pairs[block.np](block);
     }
   }
-
-  // Claims and runs items until none are left.
-  void Drain() {
-    const int64_t n = static_cast<int64_t>(items.size());
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      RunItem(items[i]);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::S32> packed,
                           ffi::Buffer<ffi::BF16> scale, ffi::Buffer<ffi::S32> layer,
                           ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t choices) {
-  if (isa == kAuto) isa = BestIsa();
-  if (!Supported(isa)) {
+  const int32_t requested = isa;
+  isa = k2jax::ResolveIsa(isa);
+  if (isa < 0) {
     return ffi::Error::InvalidArgument("int4_matvec: this CPU lacks instruction set " +
-                                       std::to_string(isa));
+                                       std::to_string(requested));
   }
   const auto xd = x.dimensions();
   const auto wd = packed.dimensions();
@@ -299,7 +263,7 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("int4_matvec: layer index out of range");
   }
 
-  auto job = std::make_shared<Job>();
+  auto job = std::make_unique<Job>();
   job->kernels = &KernelsFor(isa);
   job->outputs = outputs;
   job->inputs = inputs;
@@ -339,15 +303,8 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   PermuteInputs(x.typed_data(), rows, inputs, x_perm.data());
   job->x_perm = x_perm.data();
 
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->items.size()) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([job] { job->Drain(); });
-  }
-  job->Drain();
-  // Helpers that started late find no items and never touch the buffers; wait only for the
-  // items that were claimed.
-  const int64_t n = static_cast<int64_t>(job->items.size());
-  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  k2jax::ParallelFor(pool, static_cast<int64_t>(job->items.size()),
+                     [&job](int64_t i) { job->RunItem(job->items[i]); });
   return ffi::Error::Success();
 }
 
@@ -365,5 +322,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(K2jaxInt4Matvec, Int4MatvecImpl,
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("choices"));
 
-// The instruction set `isa = 0` runs on this CPU (an `Isa` value).
-extern "C" int32_t K2jaxInt4MatvecBestIsa() { return BestIsa(); }
+// The instruction set `isa = 0` runs on this CPU (a k2jax::Isa value), for every k2jax kernel.
+extern "C" int32_t K2jaxBestIsa() { return k2jax::BestIsa(); }
