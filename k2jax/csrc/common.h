@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -66,10 +67,15 @@ inline int32_t BestIsa() {
   return best;
 }
 
-// The instruction set to run for attribute value `isa`, or -1 where this CPU lacks it.
-inline int32_t ResolveIsa(int32_t isa) {
-  if (isa == kAuto) return BestIsa();
-  return Supported(isa) ? isa : -1;
+// Resolves the `isa` attribute into *resolved; an error naming `kernel` where this CPU lacks it.
+inline xla::ffi::Error ResolveIsa(const char* kernel, int32_t isa, int32_t* resolved) {
+  *resolved = isa == kAuto ? BestIsa() : isa;
+  if (!Supported(*resolved)) {
+    return xla::ffi::Error::InvalidArgument(std::string(kernel) +
+                                            ": this CPU lacks instruction set " +
+                                            std::to_string(isa));
+  }
+  return xla::ffi::Error::Success();
 }
 
 inline float Bf16ToF32(uint16_t bits) {

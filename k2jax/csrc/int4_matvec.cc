@@ -223,11 +223,8 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S32> expert_ids, ffi::Buffer<ffi::S32> packed,
                           ffi::Buffer<ffi::BF16> scale, ffi::Buffer<ffi::S32> layer,
                           ffi::ResultBuffer<ffi::F32> y, int32_t isa, int32_t choices) {
-  const int32_t requested = isa;
-  isa = k2jax::ResolveIsa(isa);
-  if (isa < 0) {
-    return ffi::Error::InvalidArgument("int4_matvec: this CPU lacks instruction set " +
-                                       std::to_string(requested));
+  if (ffi::Error error = k2jax::ResolveIsa("int4_matvec", isa, &isa); !error.success()) {
+    return error;
   }
   const auto xd = x.dimensions();
   const auto wd = packed.dimensions();

@@ -148,11 +148,8 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::S32> block_tables,
                                ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out,
                                float scale, int32_t latent, int32_t isa) {
-  const int32_t requested = isa;
-  isa = k2jax::ResolveIsa(isa);
-  if (isa < 0) {
-    return ffi::Error::InvalidArgument("latent_attention: this CPU lacks instruction set " +
-                                       std::to_string(requested));
+  if (ffi::Error error = k2jax::ResolveIsa("latent_attention", isa, &isa); !error.success()) {
+    return error;
   }
   const auto qd = q.dimensions();
   const auto pd = pages.dimensions();
