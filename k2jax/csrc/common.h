@@ -20,6 +20,14 @@
 
 #include "xla/ffi/api/ffi.h"
 
+// x86-64 gets AVX2 and AVX-512 kernels beside the portable ones; elsewhere (or built with
+// -DK2JAX_PORTABLE_ONLY, which is how that path is checked on x86) only the portable C++.
+#if defined(__x86_64__) && !defined(K2JAX_PORTABLE_ONLY)
+#define K2JAX_X86 1
+#else
+#define K2JAX_X86 0
+#endif
+
 namespace k2jax {
 
 inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t num_items,
@@ -49,6 +57,7 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t num_items,
 enum Isa : int32_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
 inline bool Supported(int32_t isa) {
+#if K2JAX_X86
   __builtin_cpu_init();
   switch (isa) {
     case kScalar:
@@ -60,6 +69,9 @@ inline bool Supported(int32_t isa) {
     default:
       return false;
   }
+#else
+  return isa == kScalar;
+#endif
 }
 
 inline int32_t BestIsa() {

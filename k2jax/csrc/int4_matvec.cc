@@ -16,8 +16,6 @@
 // Work is split into (expert, block of rows) items shared by the calling thread and XLA's
 // intra-op thread pool (k2jax/csrc/common.h).
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -27,6 +25,10 @@
 
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
+
+#if K2JAX_X86
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -85,6 +87,7 @@ void RowsScalar(const RowBlock& b) {
   }
 }
 
+#if K2JAX_X86
 __attribute__((target("avx2,fma"))) inline float HorizontalSum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -163,22 +166,29 @@ __attribute__((target("avx512f"))) void RowsAvx512(const RowBlock& b) {
   }
 }
 
+#endif  // K2JAX_X86
+
 using RowsFn = void (*)(const RowBlock&);
 
 struct Kernels {
   RowsFn by_pairs[kMaxPairsPerPass + 1];
 };
 
-using k2jax::kAvx2;
-using k2jax::kAvx512;
 constexpr Kernels kScalarKernels = {{nullptr, RowsScalar, RowsScalar, RowsScalar, RowsScalar}};
+#if K2JAX_X86
 constexpr Kernels kAvx2Kernels = {
     {nullptr, RowsAvx2<1>, RowsAvx2<2>, RowsAvx2<3>, RowsAvx2<4>}};
 constexpr Kernels kAvx512Kernels = {
     {nullptr, RowsAvx512<1>, RowsAvx512<2>, RowsAvx512<3>, RowsAvx512<4>}};
+#endif
 
+// `isa` is resolved (k2jax::ResolveIsa): supported by this CPU.
 const Kernels& KernelsFor(int32_t isa) {
-  return isa == kAvx512 ? kAvx512Kernels : isa == kAvx2 ? kAvx2Kernels : kScalarKernels;
+#if K2JAX_X86
+  if (isa == k2jax::kAvx512) return kAvx512Kernels;
+  if (isa == k2jax::kAvx2) return kAvx2Kernels;
+#endif
+  return kScalarKernels;
 }
 
 // One unit of work: a block of one expert's rows against every pair routed to it.

@@ -131,6 +131,7 @@ K2JAX_INLINE void AttendRange(const Problem& pr, const Range& r, float* max_out,
   }
 }
 
+#if K2JAX_X86
 __attribute__((target("avx512f"))) void AttendAvx512(const Problem& pr, const Range& r, float* m,
                                                      float* l, float* acc) {
   AttendRange(pr, r, m, l, acc);
@@ -139,6 +140,7 @@ __attribute__((target("avx2,fma"))) void AttendAvx2(const Problem& pr, const Ran
                                                     float* l, float* acc) {
   AttendRange(pr, r, m, l, acc);
 }
+#endif  // K2JAX_X86
 void AttendScalar(const Problem& pr, const Range& r, float* m, float* l, float* acc) {
   AttendRange(pr, r, m, l, acc);
 }
@@ -226,9 +228,11 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int64_t heads = pr.heads, width_out = latent;
   std::vector<float> maxima(ranges.size() * heads), sums(ranges.size() * heads);
   std::vector<float> accs(ranges.size() * heads * width_out);
-  auto attend = isa == k2jax::kAvx512 ? AttendAvx512
-                : isa == k2jax::kAvx2 ? AttendAvx2
-                                      : AttendScalar;
+  auto attend = AttendScalar;
+#if K2JAX_X86
+  if (isa == k2jax::kAvx512) attend = AttendAvx512;
+  if (isa == k2jax::kAvx2) attend = AttendAvx2;
+#endif
   k2jax::ParallelFor(pool, static_cast<int64_t>(ranges.size()), [&](int64_t i) {
     attend(pr, ranges[i], &maxima[i * heads], &sums[i * heads], &accs[i * heads * width_out]);
   });
