@@ -31,6 +31,7 @@ namespace {
 
 constexpr int64_t kKeyBlock = 8;
 constexpr int64_t kMinKeysPerRange = 512;
+constexpr int64_t kItemsPerThread = 8;
 
 struct Problem {
   const float* q;              // [B, T, N, W]
@@ -202,10 +203,12 @@ ffi::Error LatentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     }
   }
 
-  // One range per query, or several per query when the queries are fewer than the threads.
+  // One range per query, or several per query (of at least kMinKeysPerRange keys) when there
+  // are fewer than kItemsPerThread queries per thread: small items balance the threads when
+  // one of them is held up (shared CPUs), at the cost of merging more partial sums.
   const int64_t num_queries = pr.batch * pr.queries;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t ranges_wanted = (2 * threads + num_queries - 1) / num_queries;
+  const int64_t threads = k2jax::Workers(pool);
+  const int64_t ranges_wanted = (kItemsPerThread * threads + num_queries - 1) / num_queries;
   const int64_t keys = pr.table_width * pr.page_size;
   std::vector<Range> ranges;
   std::vector<int64_t> first_range(num_queries + 1, 0);
