@@ -52,10 +52,8 @@ def available() -> bool:
 
 def best_isa() -> str:
     """The instruction set ``isa="auto"`` runs on this CPU."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("k2jax's CPU kernels are not built")
-    code = lib.K2jaxBestIsa()
+    require()
+    code = library().K2jaxBestIsa()
     return next(name for name, value in ISAS.items() if value == code)
 
 
