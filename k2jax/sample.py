@@ -24,7 +24,7 @@ default_to_cpu_without_accelerators()  # before JAX starts: see k2jax/platform.p
 
 import jax  # noqa: E402
 
-from k2jax import default_model  # noqa: E402
+from k2jax import cpu_kernels, default_model  # noqa: E402
 from k2jax.sampling import SamplingParams  # noqa: E402
 from sharding import distributed  # noqa: E402
 
@@ -109,6 +109,15 @@ def _on_mesh(model, mesh_text: str | None):
     mesh = make_mesh(**parse_mesh(mesh_text))
     params = rules.shard_params(model.params, model.config, mesh)
     return Model(model.config, params, model.dtype, mesh, rules=rules.flax_rules("decode"))
+
+
+def _cpu_kernels_note() -> str:
+    """Which path the CPU runs: k2jax's kernels (and their instruction set) or the slow jnp one."""
+    if jax.default_backend() != "cpu":
+        return ""
+    if not cpu_kernels.available():
+        return " CPU kernels NOT built: the slower jnp path runs (reinstall with g++ present)."
+    return f" CPU kernels: {cpu_kernels.best_isa()}."
 
 
 def _load(args):
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     model = _on_mesh(model, args.mesh)
     if args.mesh:
         desc += f"; sharded over mesh {args.mesh}"
+    desc += _cpu_kernels_note()
     print(f"[k2jax] {desc}", file=sys.stderr, flush=True)
 
     chat_prompt = getattr(args, "chat", None)
