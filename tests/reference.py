@@ -169,6 +169,18 @@ class ReferenceModel:
             ids = torch.as_tensor(token_ids, dtype=torch.long)
             return self.torch_model(input_ids=ids).logits.float()
 
+    def greedy(self, prompt: list[int], new: int, stop_ids: list[int] | None = None) -> list[int]:
+        """transformers' greedy ``generate`` for one prompt: the new ids, ending at a stop id."""
+        with torch.no_grad():
+            out = self.torch_model.generate(
+                input_ids=torch.tensor([prompt]),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=self.raw["pad_token_id"],
+            )
+        return out[0, len(prompt) :].tolist()
+
 
 def build(seed: int = 0, router_scale: float = 3.0, bias_scale: float = 0.05, **overrides):
     """A random tiny K2 model: returns a ReferenceModel (transformers, float32)."""

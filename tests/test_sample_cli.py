@@ -72,13 +72,7 @@ def test_checkpoint_greedy_matches_reference(tmp_path):
         tmp_path,
     )
     out = json.loads(proc.stdout)
-    want = ref.torch_model.generate(
-        input_ids=reference.torch.tensor([prompt]),
-        max_new_tokens=12,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=ref.raw["pad_token_id"],
-    )[0, len(prompt) :].tolist()
+    want = ref.greedy(prompt, 12)
     assert out["prompt_ids"] == prompt
     assert out["new_ids"] == want
     assert out["text"] is None  # no tokenizer in this checkpoint
@@ -160,13 +154,7 @@ def test_chat_mode_streams_the_reference_greedy_reply_as_parsed_text(tmp_path):
     tok = k2_test_tokenizer()
     prompt = render([{"role": "user", "content": question}], tokenizer=tok)
     stop = [tok.encode_special("<|im_end|>"), tok.eos_id]
-    want_ids = ref.torch_model.generate(
-        input_ids=reference.torch.tensor([prompt]),
-        max_new_tokens=10,
-        do_sample=False,
-        eos_token_id=stop,
-        pad_token_id=ref.raw["pad_token_id"],
-    )[0, len(prompt) :].tolist()
+    want_ids = ref.greedy(prompt, 10, stop_ids=stop)
     parser = StreamParser(tok)
     parser.feed(want_ids)
     parser.finish()

@@ -2,10 +2,11 @@
 // instruction sets they are compiled for, and bf16 widening.
 //
 // ParallelFor: items are claimed through one atomic counter by the calling thread and by tasks
-// on the pool. The caller runs items too and then waits only for items some thread has claimed, so a pool
-// whose threads are all busy (XLA may run other thunks, or this call may itself be on a pool
-// thread) cannot deadlock it: the caller then simply runs every item. Tasks that start after
-// the call returned find no items left and touch nothing but the shared counters.
+// on the pool. The caller runs items too and then waits only for items some thread has
+// claimed, so a pool whose threads are all busy (XLA may run other thunks, or this call may
+// itself be on a pool thread) cannot deadlock it: the caller then simply runs every item.
+// Tasks that start after the call returned find no items left and touch nothing but the
+// shared counters.
 
 #ifndef K2JAX_CSRC_COMMON_H_
 #define K2JAX_CSRC_COMMON_H_

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -270,48 +269,48 @@ ffi::Error Int4MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("int4_matvec: layer index out of range");
   }
 
-  auto job = std::make_unique<Job>();
-  job->kernels = &KernelsFor(isa);
-  job->outputs = outputs;
-  job->inputs = inputs;
-  job->groups = groups;
-  job->choices = choices;
+  Job job;
+  job.kernels = &KernelsFor(isa);
+  job.outputs = outputs;
+  job.inputs = inputs;
+  job.groups = groups;
+  job.choices = choices;
   const int64_t layer_experts = layer_index * experts;
-  job->bytes = reinterpret_cast<const uint8_t*>(packed.typed_data()) +
+  job.bytes = reinterpret_cast<const uint8_t*>(packed.typed_data()) +
                layer_experts * outputs * (inputs / 2);
-  job->scales = reinterpret_cast<const uint16_t*>(scale.typed_data()) +
+  job.scales = reinterpret_cast<const uint16_t*>(scale.typed_data()) +
                 layer_experts * outputs * groups;
-  job->y = y->typed_data();
+  job.y = y->typed_data();
 
   // Pairs routed elsewhere (negative or out-of-range ids) contribute zero rows.
-  std::memset(job->y, 0, sizeof(float) * pairs * outputs);
+  std::memset(job.y, 0, sizeof(float) * pairs * outputs);
   const int32_t* ids = expert_ids.typed_data();
   std::vector<int64_t> count(experts + 1, 0);
   for (int64_t p = 0; p < pairs; ++p) {
     if (ids[p] >= 0 && ids[p] < experts) ++count[ids[p] + 1];
   }
   for (int64_t e = 0; e < experts; ++e) count[e + 1] += count[e];
-  job->order.resize(count[experts]);
+  job.order.resize(count[experts]);
   {
     std::vector<int64_t> fill(count.begin(), count.end() - 1);
     for (int64_t p = 0; p < pairs; ++p) {
-      if (ids[p] >= 0 && ids[p] < experts) job->order[fill[ids[p]]++] = p;
+      if (ids[p] >= 0 && ids[p] < experts) job.order[fill[ids[p]]++] = p;
     }
   }
   for (int64_t e = 0; e < experts; ++e) {
     if (count[e + 1] == count[e]) continue;
     for (int64_t r = 0; r < outputs; r += kRowsPerItem) {
-      job->items.push_back({e, r, std::min(outputs, r + kRowsPerItem), count[e], count[e + 1]});
+      job.items.push_back({e, r, std::min(outputs, r + kRowsPerItem), count[e], count[e + 1]});
     }
   }
-  if (job->items.empty()) return ffi::Error::Success();
+  if (job.items.empty()) return ffi::Error::Success();
 
   std::vector<float> x_perm(rows * inputs);
   PermuteInputs(x.typed_data(), rows, inputs, x_perm.data());
-  job->x_perm = x_perm.data();
+  job.x_perm = x_perm.data();
 
-  k2jax::ParallelFor(pool, static_cast<int64_t>(job->items.size()),
-                     [&job](int64_t i) { job->RunItem(job->items[i]); });
+  k2jax::ParallelFor(pool, static_cast<int64_t>(job.items.size()),
+                     [&job](int64_t i) { job.RunItem(job.items[i]); });
   return ffi::Error::Success();
 }
 
