@@ -8,8 +8,9 @@ peak RSS, the largest shard and MB/s, and checks the target: peak RSS <= largest
 
 Weights are random. The INT4 payload is uniformly random int32 words: every 32-bit word is a
 valid pack-quantized encoding of 8 nibbles, i.e. of 8 uniform INT4 values in [-8, 7] (checked
-below by round-tripping a sample through ``k2jax.quant.unpack_int4`` and
-``k2jax.quant.pack_int4_numpy``); packing gigabytes through compressed-tensors would take far
+below by round-tripping a sample through ``k2jax.kernels.int4_format.unpack_int4`` and
+``k2jax.kernels.int4_format.pack_int4_numpy``); packing gigabytes through compressed-tensors would
+take far
 longer on a 2-core machine and the converter never looks at the values. Scales are random
 positive bf16, ``weight_shape`` is int64 as compressed-tensors writes it.
 
@@ -45,7 +46,7 @@ _ST = {
 
 def config_dict(layers: int, experts: int, vocab: int = 32768) -> dict:
     """A K2 Thinking config.json (INT4 experts) with small dims and ``layers`` layers."""
-    from k2jax.config import Config, int4_quantization_config
+    from k2jax.model.config import Config, int4_quantization_config
 
     base = {
         "vocab_size": vocab,
@@ -110,7 +111,7 @@ def build(
 ) -> tuple[int, int]:
     """Write the checkpoint; returns (total bytes, largest shard bytes)."""
     from convert import hf_names
-    from k2jax.config import Config
+    from k2jax.model.config import Config
 
     raw = config_dict(layers, experts, vocab)
     cfg = Config.from_hf(raw)
@@ -169,7 +170,7 @@ def check_packing_sample(seed: int = 1) -> None:
     """Random int32 words are a valid packing: unpack then repack gives the same words."""
     import jax.numpy as jnp
 
-    from k2jax.quant import pack_int4_numpy, unpack_int4
+    from k2jax.kernels.int4_format import pack_int4_numpy, unpack_int4
 
     words = np.random.default_rng(seed).integers(-(2**31), 2**31, size=(64, 128), dtype=np.int32)
     values = np.asarray(unpack_int4(jnp.asarray(words)))

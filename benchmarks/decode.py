@@ -1,19 +1,28 @@
 """Decode speed of the k2jax engine on this machine, against transformers on the same weights.
 
-    JAX_PLATFORMS=cpu python benchmarks/decode.py            # the full table (minutes)
-    JAX_PLATFORMS=cpu python benchmarks/decode.py --quick    # smaller model, fewer steps
+    python benchmarks/decode.py              # the full table (about 15 minutes on 2 cores)
+    python benchmarks/decode.py --quick      # smaller model, fewer rounds
+    python benchmarks/decode.py --rounds 5   # more alternating rounds for the tokens/s rows
 
 A mid-size K2-structured model (hidden 1024, 8 layers = 1 dense + 7 MoE, 64 experts top-8,
-INT4 group-32 experts, MLA with K2's head dims, YaRN) is built once by tests/reference.py: the
-transformers model (float32, experts dequantized, which is what a CPU user of it gets) and the
-K2-format checkpoint that k2jax loads (experts stay packed INT4; dense weights float32, since
-XLA's bf16 dot is ~20x slower than float32 on a CPU). Rows:
+INT4 group-32 experts, MLA with K2's head dims, YaRN) is built once by tests/reference.py and
+written twice: as the K2-format checkpoint k2jax loads (experts stay packed INT4; k2jax's
+default dtype "auto" runs the dense weights in float32 on a CPU, since XLA's bf16 dot is ~20x
+slower there) and as transformers' own float32 checkpoint with the experts dequantized, which
+is what a CPU user of transformers gets.
 
-- decode tokens/s at batch 1 and 8, context 512: k2jax's engine vs transformers ``generate``;
-  both count only tokens after the first (prefill excluded);
+Each side runs in its own fresh interpreter, one per round, the two alternating (k2jax first in
+even rounds, transformers first in odd ones): a JAX process slows torch in the same process
+about 3x, and these shared cores drift, so neither side may share a process or a time slot with
+the other. The transformers process imports torch and transformers only. The tokens/s rows are
+the median over the rounds, and the ratio is the ratio of the medians (each round's ratio is
+printed too). Both sides count only tokens after the first (prefill excluded).
+
+The other rows run in one more k2jax process:
+
 - routed experts of one layer at decode shapes: INT4 packed through the CPU kernel (the
-  default, k2jax.int4_cpu) and through the jnp formulation (``words_tiled``), vs the same
-  experts in bf16 and float32 (``k2jax.expert_matmul.routed_experts``, the model's entry point);
+  default, k2jax.kernels.int4_cpu) and through the jnp formulation (``words_tiled``), vs the
+  same experts in bf16 and float32 (``k2jax.model.expert_matmul.routed_experts``);
 - decode step time with 32 vs 256 experts at top-8 (random weights, same everything else);
 - decode step time at context 1K, 8K, 32K (batch 1; a synthetic filled cache, since the step's
   cost does not depend on the cached values).
@@ -24,29 +33,20 @@ Prints a markdown table; writes benchmarks/decode.png if matplotlib is installed
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-)
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import k2jax  # noqa: E402
-from k2jax import engine as k2engine  # noqa: E402
-from k2jax import expert_matmul, kv_cache  # noqa: E402
-from k2jax import model as k2model  # noqa: E402
-from k2jax.loaded_model import Model  # noqa: E402
-from k2jax.page_allocator import pages_for  # noqa: E402
-from k2jax.quant import QuantizedWeight  # noqa: E402
-from k2jax.sampling import BatchSampling, SamplingParams  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.join(os.path.dirname(HERE), "tests")
+BATCHES = (1, 8)
+CONTEXT = 512
 
 MID = {
     "vocab_size": 32768,
@@ -87,27 +87,6 @@ QUICK = {
 }
 
 
-def k2jax_decode_tps(model: Model, batch: int, context: int, new: int) -> float:
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, model.config.vocab_size, (batch, context)).tolist()
-    ec = k2engine.EngineConfig(max_batch=batch, prefill_chunk=256)
-    requests = [
-        k2engine.Request(tuple(p), new, SamplingParams(temperature=0.0), stop_token_ids=())
-        for p in prompts
-    ]
-    engine = k2engine.Engine(model.config, model.params, model.dtype, ec)
-    for _ in engine.run(requests):  # compile every shape once
-        pass
-    count, start = 0, None
-    for events in engine.run(requests):
-        if start is None and len(events) == batch:  # every row has its first token
-            start = time.perf_counter()
-            continue
-        if start is not None:
-            count += len(events)
-    return count / (time.perf_counter() - start)
-
-
 def hf_decode_tps(torch_model, batch: int, context: int, new: int) -> float:
     import torch
 
@@ -131,134 +110,90 @@ def hf_decode_tps(torch_model, batch: int, context: int, new: int) -> float:
     return batch * (new - 1) / (run(new) - run(1))
 
 
-def step_time(model: Model, batch: int, context: int, iters: int = 10) -> float:
-    """Seconds per decode step of ``batch`` rows each at position ``context``."""
-    cfg, page = model.config, 16
-    width = k2engine._next_pow2(pages_for(context + 1, page))
-    cache_dtype = jnp.float32 if model.dtype == jnp.float32 else jnp.bfloat16
-    pages = kv_cache.empty_pages(
-        cfg.num_layers, 1 + batch * width, page, cfg.cache_width, cache_dtype
+def transformers_worker(hf_dir: str, new: int) -> dict:
+    """Decode tokens/s per batch of transformers' float32 model, in this process (torch only)."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return {str(b): hf_decode_tps(model, b, CONTEXT, new) for b in BATCHES}
+
+
+def _run(args: list[str]) -> dict:
+    """One fresh interpreter; its last stdout line is its JSON result."""
+    out = subprocess.run(
+        [sys.executable, *args], check=True, capture_output=True, text=True, env=os.environ
     )
-    tables = (1 + np.arange(batch * width, dtype=np.int32)).reshape(batch, width)
-    seen = jnp.zeros((batch, cfg.vocab_size), jnp.int8)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    pages, seen = jax.device_put((pages, seen), dev)
-    args = (
-        np.ones((batch, 1), np.int32),
-        np.full((batch, 1), context, np.int32),
-        tables,
-        np.zeros(batch, np.int32),
-        np.ones(batch, bool),
-        np.zeros(batch, np.int32),
-        BatchSampling.from_params([SamplingParams(temperature=0.0)] * batch),
-    )
-    step = k2engine._step_fn(cfg, model.dtype, True, None)
-    params = k2engine.Engine(cfg, model.params, model.dtype).params  # the engine's own form
-    times = []
-    for i in range(iters + 2):
-        t = time.perf_counter()
-        pages, seen, tok, _ = step(params, pages, seen, *args)
-        tok.block_until_ready()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def experts_time(model: Model, batch: int, dtype, iters: int = 20, impl=None) -> float:
-    """One MoE layer's routed experts at decode shapes, with the experts stored as ``dtype``
-    (None = the checkpoint's packed INT4), through formulation ``impl`` (None = the default)."""
-    cfg = model.config
-    e = model.params["moe_layers"]["moe"]["experts"]
-    ws = [
-        QuantizedWeight(e[f"{n}_packed"][0], e[f"{n}_scale"][0], cfg.quantization.group_size)
-        for n in ("gate", "up", "down")
-    ]
-    if dtype is not None:
-        ws = [expert_matmul.dequantize_reference(w).astype(dtype) for w in ws]
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch, cfg.hidden_size)), jnp.float32)
-    ids = jnp.asarray(
-        np.stack(
-            [
-                rng.choice(cfg.n_routed_experts, cfg.num_experts_per_tok, replace=False)
-                for _ in range(batch)
-            ]
-        ),
-        jnp.int32,
-    )
-    w = jnp.full((batch, cfg.num_experts_per_tok), 0.3, jnp.float32)
-    f = jax.jit(functools.partial(expert_matmul.routed_experts, impl=impl))
-    f(x, ids, w, *ws).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(iters):
-        f(x, ids, w, *ws).block_until_ready()
-    return (time.perf_counter() - t) / iters
-
-
-def random_model(overrides: dict, experts: int) -> Model:
+def build_checkpoints(quick: bool, root: str) -> tuple[str, str]:
+    """The K2-format checkpoint (k2jax's input) and transformers' own float32 checkpoint."""
+    sys.path.insert(0, TESTS)
     import reference
 
-    cfg = k2jax.Config.from_hf(
-        reference.hf_config_dict(**{**overrides, "n_routed_experts": experts})
-    )
-    params = jax.jit(lambda k: k2model.init_params(cfg, k, jnp.float32))(jax.random.key(0))
-    return Model(cfg, params, jnp.float32)
+    ref = reference.build(seed=0, **(QUICK if quick else MID))
+    k2_dir = reference.write_checkpoint(ref, os.path.join(root, "k2"))
+    hf_dir = os.path.join(root, "hf")
+    ref.torch_model.save_pretrained(hf_dir)
+    return k2_dir, hf_dir
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small model, fewer steps")
+    ap.add_argument("--quick", action="store_true", help="small model, two rounds")
     ap.add_argument("--new", type=int, default=17, help="tokens generated per request")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--worker", choices=("transformers",), help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import reference
+    if args.worker == "transformers":
+        print(json.dumps(transformers_worker(args.hf_dir, args.new)))
+        return
+    rounds = args.rounds or (2 if args.quick else 3)
+    env_quick = ["--quick"] if args.quick else []
+    with tempfile.TemporaryDirectory() as root:
+        t = time.perf_counter()
+        k2_dir, hf_dir = build_checkpoints(args.quick, root)
+        print(f"built the model in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        ours_cmd = [os.path.join(HERE, "decode_k2jax.py"), "--checkpoint", k2_dir]
+        theirs_cmd = [os.path.abspath(__file__), "--worker", "transformers", "--hf-dir", hf_dir]
+        ours: list[dict] = []
+        theirs: list[dict] = []
+        for r in range(rounds):
+            sides = [("k2jax", ours), ("transformers", theirs)]
+            if args.skip_hf:
+                sides = sides[:1]
+            for side, results in sides if r % 2 == 0 else sides[::-1]:
+                extra = ["--part", "tokens"] if side == "k2jax" else []
+                cmd = (ours_cmd if side == "k2jax" else theirs_cmd) + extra
+                results.append(_run([*cmd, "--new", str(args.new)]))
+                print(f"round {r + 1} {side}: {results[-1]}", file=sys.stderr, flush=True)
+        extras = _run([*ours_cmd, "--part", "extras", *env_quick])
 
-    over = QUICK if args.quick else MID
-    contexts = (1024, 8192) if args.quick else (1024, 8192, 32768)
     rows: list[tuple[str, str]] = []
-
-    def add(name, value):
-        rows.append((name, value))
-        print(f"{name}: {value}", file=sys.stderr, flush=True)
-
-    t = time.perf_counter()
-    ref = reference.build(seed=0, **over)
-    with tempfile.TemporaryDirectory() as d:
-        model = k2jax.load(reference.write_checkpoint(ref, d), dtype="float32")
-    print(f"built the model in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    add("device", f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores")
-    for batch in (1, 8):
-        ours = k2jax_decode_tps(model, batch, 512, args.new)
-        add(f"k2jax decode tokens/s, batch {batch}, context 512", f"{ours:.1f}")
-        if not args.skip_hf:
-            theirs = hf_decode_tps(ref.torch_model, batch, 512, args.new)
-            add(f"transformers decode tokens/s, batch {batch}, context 512", f"{theirs:.1f}")
-            add(f"k2jax / transformers, batch {batch}", f"{ours / theirs:.2f}x")
-    for batch in (1, 8):
-        int4 = experts_time(model, batch, None)
-        int4_jnp = experts_time(model, batch, None, impl="words_tiled")
-        bf16 = experts_time(model, batch, jnp.bfloat16)
-        f32 = experts_time(model, batch, jnp.float32)
-        add(
-            f"routed experts of one layer, batch {batch}: "
-            "INT4 (CPU kernel) / INT4 (jnp) / bf16 / f32 (ms)",
-            f"{int4 * 1e3:.2f} / {int4_jnp * 1e3:.2f} / {bf16 * 1e3:.2f} / {f32 * 1e3:.2f}",
+    for b in map(str, BATCHES):
+        mine = statistics.median(res[b] for res in ours)
+        rows.append(
+            (f"k2jax decode tokens/s, batch {b}, context {CONTEXT} (median)", f"{mine:.1f}")
         )
-    del ref
-    small, big = random_model(over, 32), random_model(over, 256)
-    t32, t256 = step_time(small, 1, 512), step_time(big, 1, 512)
-    add(
-        "decode step, 32 vs 256 experts (top-8), batch 1, ctx 512 (ms)",
-        f"{t32 * 1e3:.1f} vs {t256 * 1e3:.1f} ({t256 / t32:.2f}x)",
-    )
-    del small, big
-    times = {c: step_time(model, 1, c) for c in contexts}
-    for c, s in times.items():
-        add(f"decode step at context {c} (ms)", f"{s * 1e3:.1f}")
-
+        if not theirs:
+            continue
+        hf = statistics.median(res[b] for res in theirs)
+        per_round = ", ".join(f"{o[b] / h[b]:.2f}" for o, h in zip(ours, theirs, strict=True))
+        rows.append((f"transformers decode tokens/s, batch {b} (median)", f"{hf:.1f}"))
+        rows.append((f"k2jax / transformers, batch {b}", f"{mine / hf:.2f}x (rounds: {per_round})"))
+    rows += [tuple(row) for row in extras["rows"]]
+    print(f"\n{rounds} rounds, each side in its own process, alternating")
     print("\n| measurement | value |\n| --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value} |")
+    plot({int(c): s for c, s in extras["contexts"].items()})
+
+
+def plot(times: dict[int, float]) -> None:
     try:
         import matplotlib
 
@@ -273,7 +208,7 @@ def main() -> None:
     ax.set_ylabel("decode step (ms), batch 1")
     ax.set_title("k2jax decode step vs context")
     fig.tight_layout()
-    fig.savefig(os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode.png"), dpi=120)
+    fig.savefig(os.path.join(HERE, "decode.png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     analysis; they are added from its BlockSpecs (each 8-row tile streams the weight once; the
     MoE prefill path uses 128-row tiles) and marked "+kernel".
 (b) On this CPU, wall time of the CPU formulations (packed int32 words: the fused kernel of
-    k2jax.int4_cpu, the default, and the two jnp ones) against a float32 matvec on the
+    k2jax.kernels.int4_cpu, the default, and the two jnp ones) against a float32 matvec on the
     dequantized weight and a bf16 one.
 
     python benchmarks/int4_matmul.py [--json] [--skip-cpu] [--skip-tpu] [--topologies v5p:2x2x1]
@@ -26,9 +26,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from k2jax import expert_matmul as em  # noqa: E402
-from k2jax import int4_cpu, int4_pallas  # noqa: E402
-from k2jax.quant import QuantizedWeight  # noqa: E402
+from k2jax.kernels import (
+    int4_cpu,  # noqa: E402
+    int4_pallas,  # noqa: E402
+)
+from k2jax.model.quant import QuantizedWeight  # noqa: E402
 
 GS = 32
 SHAPES = {
@@ -163,6 +165,21 @@ def _time(fn, *args, reps=5):
     return best
 
 
+def words_decode_project(x_PI, packed_POW, scale_POG):
+    """The ``words_decode`` counter-example (it lost to the fused kernel and to widening one
+    expert per tile, and left the package): y[p, o] = sum_i x[p, i] W_p[o, i] from packed words
+    in float32, nibbles unpacked by shifts along a new minor axis so convert, multiply and group
+    sum fuse into one loop over the input axis, the scale applied to the per-group sums."""
+    p, out, words = packed_POW.shape
+    groups = scale_POG.shape[-1]
+    w_POGW = packed_POW.reshape(p, out, groups, words // groups)
+    shifts = jnp.arange(0, 32, 4, dtype=jnp.int32).reshape(1, 1, 1, 1, 8)
+    q = ((w_POGW[..., None] >> shifts) & 0xF).astype(jnp.float32) - 8.0  # [P, O, G, S/8, 8]
+    x = x_PI.astype(jnp.float32).reshape(p, 1, groups, words // groups, 8)
+    partial_POG = jnp.sum(x * q, axis=(3, 4))
+    return jnp.sum(partial_POG * scale_POG.astype(jnp.float32), axis=2)
+
+
 def cpu_table():
     rng = np.random.default_rng(0)
     rows = []
@@ -185,7 +202,7 @@ def cpu_table():
             ids = jnp.zeros((b,), jnp.int32)
             # The fused kernel (cpu_kernel, the CPU default): packed rows decoded in registers.
             t_kernel = _time(
-                lambda x, p, s, ids: int4_cpu.project(x, ids, QuantizedWeight(p, s, GS)),
+                lambda x, p, s, ids: int4_cpu.project(x, ids, p, s, GS),
                 x,
                 words,
                 scale,
@@ -193,7 +210,7 @@ def cpu_table():
             )
             # The jnp per-pair projection (words_decode)...
             t_dec = _time(
-                lambda x, p, s, ids: em._words_project(x, p[ids], s[ids]), x, words, scale, ids
+                lambda x, p, s, ids: words_decode_project(x, p[ids], s[ids]), x, words, scale, ids
             )
             # ...and the tiled one (words_tiled: widen the tile's expert once, then a dot).
             t_grp = _time(

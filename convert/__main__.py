@@ -10,9 +10,10 @@ import argparse
 import os
 import sys
 
-from k2jax.platform import default_to_cpu_without_accelerators
+from k2jax.kernels.platform import default_to_cpu_without_accelerators
 
-default_to_cpu_without_accelerators()  # converting needs no accelerator; see k2jax/platform.py
+# Converting needs no accelerator; see k2jax/kernels/platform.py.
+default_to_cpu_without_accelerators()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from convert.converter import ConvertError, convert
     from convert.hf_reader import CheckpointError
-    from k2jax.config import ConfigError
+    from k2jax.model.config import ConfigError
 
     try:
         convert(

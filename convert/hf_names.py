@@ -5,7 +5,7 @@ how it lands in our tree (which stack, layer, expert and parameter, and the tran
 to our [in, out] layout, split heads, and the rope permutation). The rope layout of the
 checkpoint is handled here and only here: the rope rows of ``q_b_proj`` (per head) and of
 ``kv_a_proj_with_mqa`` are stored as interleaved pairs (2j, 2j+1); we permute them once into
-halves (evens then odds), which is what ``k2jax.rope.apply_rope`` rotates.
+halves (evens then odds), which is what ``k2jax.model.rope.apply_rope`` rotates.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from k2jax.config import Config
+from k2jax.model.config import Config
 
 Path = tuple[str, ...]
 Placement = list[tuple[Path, np.ndarray]]

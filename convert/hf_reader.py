@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from convert import hf_names
-from k2jax.config import Config
+from k2jax.model.config import Config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

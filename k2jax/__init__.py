@@ -25,8 +25,8 @@ G     quantization groups (of 32 inputs)
 ====  =========================================  ==========
 """
 
-from k2jax.config import Config, ConfigError
 from k2jax.load import load
-from k2jax.loaded_model import Model
+from k2jax.model.config import Config, ConfigError
+from k2jax.serving.loaded_model import Model
 
 __all__ = ["Config", "ConfigError", "Model", "load"]

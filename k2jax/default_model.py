@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from k2jax import model as k2model
-from k2jax.config import Config, int4_quantization_config
-from k2jax.loaded_model import Model
+from k2jax.model.config import Config, int4_quantization_config
+from k2jax.serving.loaded_model import Model
 
 DESCRIPTION = (
     "k2jax built-in default model: RANDOM, UNTRAINED weights (seed {seed}) in Kimi K2's "

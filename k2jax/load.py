@@ -1,7 +1,8 @@
 """``k2jax.load``: an HF checkpoint directory (K2 format) or a converted one, as a ``Model``.
 
 This is the top of the import graph: it composes the model, the HF reader from ``convert``
-and, given a mesh, the placement rules from ``sharding``.
+and, given a mesh, the placement rules from ``sharding``. Both are imported when a load needs
+them, so ``import k2jax`` stays light (no converter, no torch, no transformers).
 """
 
 from __future__ import annotations
@@ -12,21 +13,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import checkpoint_format
-from convert.hf_names import all_specs
-from convert.hf_reader import HFCheckpoint, place_all
 from k2jax import model as k2model
-from k2jax.config import Config
-from k2jax.expert_matmul import expert_layout_for
-from k2jax.loaded_model import Model
+from k2jax.model.config import Config
+from k2jax.model.quant import Int4Weight, QuantizedWeight, expert_layout_for
+from k2jax.serving.loaded_model import Model
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
-def _resolve_dtype(dtype) -> jnp.dtype:
+def resolve_dtype(dtype, platform: str | None = None) -> jnp.dtype:
+    """``dtype`` as a jnp dtype; ``"auto"`` is float32 on the CPU (XLA:CPU's bf16 dots are about
+    20x slower than its float32 ones) and bfloat16 on accelerators, for ``platform`` (default:
+    JAX's backend)."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return jnp.dtype(
+            jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
+        )
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported (use one of {list(DTYPES)})")
+            raise ValueError(f"dtype {dtype!r} is not supported (use one of {['auto', *DTYPES]})")
         return jnp.dtype(DTYPES[dtype])
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
@@ -46,6 +51,9 @@ def _set(tree: dict, path: tuple[str, ...], index: tuple[int, ...], value: np.nd
 
 def read_hf_params(path: str | os.PathLike, dtype) -> tuple[Config, dict]:
     """Validate an HF K2-format checkpoint and assemble its params on the host (numpy)."""
+    from convert.hf_names import all_specs
+    from convert.hf_reader import HFCheckpoint, place_all
+
     ckpt = HFCheckpoint(path)
     ckpt.validate()
     cfg = ckpt.config
@@ -93,11 +101,12 @@ def _to_runtime_layout(cfg: Config, params: dict, mesh, dtype, layout: str) -> d
     target = _shardings(cfg, mesh, dtype, layout)["moe_layers"]["moe"]["experts"]
     experts = params["moe_layers"]["moe"].pop("experts")
     for proj in ("gate", "up", "down"):
-        out = (target[f"{proj}_values"], target[f"{proj}_group_scale"])
-        packed, scale = experts.pop(f"{proj}_packed"), experts.pop(f"{proj}_scale")
-        values, group_scale = jax.jit(k2model.int4_projection, out_shardings=out)(packed, scale)
+        int4_names = Int4Weight.param_names(proj)
+        out = tuple(target[name] for name in int4_names)
+        packed, scale = (experts.pop(name) for name in QuantizedWeight.param_names(proj))
+        int4 = jax.jit(k2model.int4_projection, out_shardings=out)(packed, scale)
         del packed, scale  # the last references: their device buffers go now
-        experts[f"{proj}_values"], experts[f"{proj}_group_scale"] = values, group_scale
+        experts.update(zip(int4_names, int4, strict=True))
     params["moe_layers"]["moe"]["experts"] = experts
     return params
 
@@ -108,6 +117,8 @@ def load_converted(path: str | os.PathLike, dtype, mesh=None) -> tuple[Config, d
     Arrays are stored in the converter's dtype; loading at a wider ``dtype`` (bfloat16 stored,
     float32 asked) widens exactly, a narrower one rounds.
     """
+    from convert import checkpoint_format
+
     path = os.fspath(path)
     checkpoint_format.read_manifest(path)  # refuses unfinished or foreign directories first
     cfg = Config.from_hf(os.path.join(path, "config.json"))
@@ -117,21 +128,24 @@ def load_converted(path: str | os.PathLike, dtype, mesh=None) -> tuple[Config, d
 
 
 def load(
-    path: str | os.PathLike, *, dtype="bfloat16", mesh=None, expert_layout: str | None = None
+    path: str | os.PathLike, *, dtype="auto", mesh=None, expert_layout: str | None = None
 ) -> Model:
     """Load a model from a converted k2jax checkpoint or an HF K2-format checkpoint directory.
 
-    ``dtype`` is the activation and dense-weight dtype ("bfloat16", or "float32" for parity
+    ``dtype`` is the activation and dense-weight dtype: "auto" (float32 on the CPU, where
+    XLA's bf16 dots are ~20x slower; bfloat16 on accelerators), "bfloat16", or "float32" (parity
     work); routed experts stay INT4 (packed int32 words + bf16 group scales) either way. With a
     ``mesh``, every param is placed by the decode rules table (``sharding.rules``); a converted
     checkpoint is restored shard by shard without a host copy of the model, an HF directory is
     assembled on the host first (fine for small models; convert the real one).
 
     ``expert_layout`` is the routed experts' resident layout; by default the one the platform
-    runs best (``k2jax.expert_matmul.expert_layout_for``: ``"int4"`` on TPU, ``"words"``, the
+    runs best (``k2jax.model.quant.expert_layout_for``: ``"int4"`` on TPU, ``"words"``, the
     checkpoint's packing, elsewhere). Both hold 4.5 bits per weight.
     """
-    dtype = _resolve_dtype(dtype)
+    from convert import checkpoint_format
+
+    dtype = resolve_dtype(dtype, _platform(mesh))
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")

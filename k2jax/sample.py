@@ -18,14 +18,15 @@ import json
 import os
 import sys
 
-from k2jax.platform import default_to_cpu_without_accelerators
+from k2jax.kernels.platform import default_to_cpu_without_accelerators
 
-default_to_cpu_without_accelerators()  # before JAX starts: see k2jax/platform.py
+default_to_cpu_without_accelerators()  # before JAX starts: see k2jax/kernels/platform.py
 
 import jax  # noqa: E402
 
-from k2jax import cpu_kernels, default_model  # noqa: E402
-from k2jax.sampling import SamplingParams  # noqa: E402
+from k2jax import default_model  # noqa: E402
+from k2jax.kernels import cpu_library  # noqa: E402
+from k2jax.serving.options import GenerateOptions  # noqa: E402
 from sharding import distributed  # noqa: E402
 
 DEFAULT_PROMPT = "The capital of France is"
@@ -102,7 +103,7 @@ def _on_mesh(model, mesh_text: str | None):
     """``model`` placed by the decode rules on the ``--mesh`` (unchanged without one)."""
     if mesh_text is None:
         return model
-    from k2jax.loaded_model import Model
+    from k2jax.serving.loaded_model import Model
     from sharding import rules
     from sharding.mesh import make_mesh, parse_mesh
 
@@ -115,9 +116,9 @@ def _cpu_kernels_note() -> str:
     """Which path the CPU runs: k2jax's kernels (and their instruction set) or the slow jnp one."""
     if jax.default_backend() != "cpu":
         return ""
-    if not cpu_kernels.available():
+    if not cpu_library.available():
         return " CPU kernels NOT built: the slower jnp path runs (reinstall with g++ present)."
-    return f" CPU kernels: {cpu_kernels.best_isa()}."
+    return f" CPU kernels: {cpu_library.best_isa()}."
 
 
 def _load(args):
@@ -127,12 +128,9 @@ def _load(args):
         model = default_model.default_model(dtype=dtype)
         return model, None, default_model.DESCRIPTION.format(seed=default_model.DEFAULT_SEED), True
     import k2jax
-    from k2jax import tokenizer as k2tok
+    from k2jax.chat import tokenizer as k2tok
 
-    if args.dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    else:
-        dtype = args.dtype
+    dtype = args.dtype
     try:
         tok = k2tok.load_tokenizer(args.checkpoint)
     except FileNotFoundError:
@@ -149,7 +147,7 @@ def _load(args):
     desc = (
         f"checkpoint {os.path.abspath(args.checkpoint)}: {c.num_layers} layers, hidden "
         f"{c.hidden_size}, {c.n_routed_experts} experts (top-{c.num_experts_per_tok}), "
-        f"vocab {c.vocab_size}, {dtype}; "
+        f"vocab {c.vocab_size}, {model.dtype}; "
         + ("tokenizer found" if tok else "no tokenizer (token ids only)")
     )
     return model, tok, desc, False
@@ -193,17 +191,20 @@ class _TextStream:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    sampling = {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-        "presence_penalty": args.presence_penalty,
-        "seed": args.seed,
-    }
-    try:
-        SamplingParams(**sampling)  # refused here, before any model is built
+    try:  # refused here, before any model is built
+        options = GenerateOptions.of(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            seed=args.seed,
+            stop_token_ids=args.stop_ids,
+            page_size=args.page_size,
+            num_pages=args.num_pages,
+            prefill_chunk=args.prefill_chunk,
+        )
     except ValueError as e:
         parser.error(str(e))
     if args.max_new_tokens < 0:
@@ -234,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             system=args.system,
             tools_json_path=args.tools,
             max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            min_p=args.min_p,
-            seed=args.seed,
+            options=options,
         )
         return 0
 
@@ -262,11 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     stream = model.generate_stream(
         [prompt_ids],
         args.max_new_tokens,
-        **sampling,
-        stop_token_ids=args.stop_ids,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        prefill_chunk=args.prefill_chunk,
+        options,
         logprobs=True,
         compiler_options=default_model.FAST_COMPILE if byte_level else None,
     )

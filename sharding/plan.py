@@ -30,10 +30,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from k2jax import kv_cache
 from k2jax import model as k2model
-from k2jax.config import Config
-from k2jax.expert_matmul import expert_layout_for
+from k2jax.model import kv_cache
+from k2jax.model.config import Config
+from k2jax.model.quant import expert_layout_for
 from sharding import rules, topologies
 from sharding.mesh import AXES, make_mesh, parse_mesh
 

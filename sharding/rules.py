@@ -43,7 +43,7 @@ awaiting a reduction). Decode:
   replicated w_kv_down, so every head shard writes the same cache, no communication);
   ``out[B_d, T, N_t, U] . w_o[N_t, U, D] -> y[B_d, T, D] {U_t}``: AllReduce_t.
 - dense MLP / shared expert: ``h[B_d, T, F_t] . w_down[F_t, D] -> y {U_t}``: AllReduce_t.
-- routed experts (``k2jax.moe``, a ``shard_map``): the router runs replicated; each device
+- routed experts (``k2jax.model.moe``, a ``shard_map``): the router runs replicated; each device
   applies only its experts ``[E_(e,t)]`` to the tokens that chose them;
   ``y[T_d, D] {U_(e,t)}``: one AllReduce over (expert, tensor) -- the one MoE collective.
   Prefill: ``x[T_(d,e), D]`` -> AllGather_e -> local experts -> ``{U_(e,t)}`` ->
@@ -66,7 +66,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k2jax import model as k2model
-from k2jax.config import Config
+from k2jax.model.config import Config
 
 Rules = Mapping[str, tuple[str, ...]]
 

@@ -18,7 +18,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from k2jax.tokenizer import K2_SPECIAL_TOKEN_NAMES_BY_OFFSET, Tokenizer, load_tokenizer
+from k2jax.chat.tokenizer import K2_SPECIAL_TOKEN_NAMES_BY_OFFSET, Tokenizer, load_tokenizer
 
 K2_NUM_BASE_TOKENS = 163_584
 K2_FIRST_SPECIAL_ID = K2_NUM_BASE_TOKENS

@@ -41,18 +41,8 @@ class ScriptedModel:
         self.calls = 0
         self.last_prompt = None
 
-    def generate_stream(
-        self,
-        prompts,
-        max_new_tokens,
-        *,
-        temperature=1.0,
-        top_k=None,
-        top_p=1.0,
-        min_p=0.0,
-        seed=0,
-        stop_token_ids=None,
-    ):
+    def generate_stream(self, prompts, max_new_tokens, options):
+        stop_token_ids = options.stop_token_ids
         assert len(prompts) == 1 and all(isinstance(t, int) for t in prompts[0][:5])
         if self.check_prompt is not None:
             self.check_prompt(self.calls, prompts[0])

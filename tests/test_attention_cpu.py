@@ -1,4 +1,5 @@
-"""The CPU attention kernel (k2jax/csrc/latent_attention.cc) against float64 softmax attention
+"""The CPU attention kernel (k2jax/kernels/csrc/latent_attention.cc) against float64 softmax
+attention
 over the same pages, for every instruction set this CPU has."""
 
 import jax
@@ -7,14 +8,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from k2jax import attention_cpu, cpu_kernels
+from k2jax.kernels import attention_cpu, cpu_library
 
 SCALE = 0.125
 
 
 def _supported_isas():
-    best = cpu_kernels.ISAS[cpu_kernels.best_isa()]
-    return [name for name, code in cpu_kernels.ISAS.items() if name == "auto" or code <= best]
+    best = cpu_library.ISAS[cpu_library.best_isa()]
+    return [name for name, code in cpu_library.ISAS.items() if name == "auto" or code <= best]
 
 
 def _reference(q, pages, layer, tables, positions, latent):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import k2jax
 from convert.hf_reader import CheckpointError
-from k2jax.config import ConfigError
+from k2jax.model.config import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import reference
 import torch
 
 import k2jax
-from k2jax import rope
-from k2jax.attention import MLAttention
-from k2jax.moe import MoE, route
+from k2jax.model import rope
+from k2jax.model.attention import MLAttention
+from k2jax.model.moe import MoE, route
 
 
 @pytest.fixture(scope="module", params=sorted(reference.PARITY_CONFIGS))

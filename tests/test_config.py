@@ -5,7 +5,7 @@ import json
 import pytest
 import reference
 
-from k2jax.config import Config, ConfigError
+from k2jax.model.config import Config, ConfigError
 
 
 def _k2():

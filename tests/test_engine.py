@@ -17,11 +17,11 @@ import reference
 import torch
 
 import k2jax
-from k2jax import engine as k2engine
-from k2jax import kv_cache
 from k2jax import model as k2model
-from k2jax.page_allocator import OutOfPages, pages_for
-from k2jax.sampling import SamplingParams
+from k2jax.model import kv_cache
+from k2jax.serving import engine as k2engine
+from k2jax.serving.page_allocator import OutOfPages, pages_for
+from k2jax.serving.sampling import SamplingParams
 
 NEW = 20
 CHUNK = 8

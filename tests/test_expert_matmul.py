@@ -12,15 +12,9 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-from k2jax import int4_pallas
-from k2jax.expert_matmul import (
-    IMPLS,
-    Int4Weight,
-    choose_impl,
-    routed_experts,
-    to_int4_layout,
-)
-from k2jax.quant import QuantizedWeight
+from k2jax.kernels import int4_pallas
+from k2jax.model.expert_matmul import IMPLS, choose_impl, routed_experts
+from k2jax.model.quant import DenseWeight, Int4Weight, QuantizedWeight, to_int4_layout
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -91,9 +85,9 @@ def test_formulations_match_float32_reference(experts, layout, t, k, offset):
     weights, dense = experts
     if layout == "int4":
         weights = tuple(to_int4_layout(w) for w in weights)
-        impls = ("naive", "int4_unrolled", "pallas")
+        impls = ("naive", "pallas")
     else:
-        impls = ("naive", "cpu_kernel", "words_decode", "words_tiled")
+        impls = ("naive", "cpu_kernel", "words_tiled")
     # ids span [0, 12): with offset 3 the choices below 3 and from 9 on belong to other shards.
     x, ids, wts = _inputs(t, k, 12 if offset else 4, seed=t * 10 + k)
     for impl in impls:
@@ -149,21 +143,40 @@ def test_pallas_kernel_exact_per_projection(experts):
 
 
 def test_every_impl_is_covered_and_choice_is_by_layout():
-    assert set(IMPLS) == {
-        "naive",
-        "cpu_kernel",
-        "words_decode",
-        "words_tiled",
-        "int4_unrolled",
-        "pallas",
-    }
+    assert set(IMPLS) == {"naive", "cpu_kernel", "words_tiled", "pallas"}
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
     want = "cpu_kernel" if jax.default_backend() == "cpu" else "words_tiled"
     assert choose_impl(words, 8) == want
     assert choose_impl(words, 4096) == want
-    assert isinstance(to_int4_layout(words), Int4Weight)
+    int4 = to_int4_layout(words)
+    assert int4.layout == "int4" and int4.shape == words.shape == (2, 8, 32)
     if jax.default_backend() == "cpu":
-        assert choose_impl(to_int4_layout(words), 8) == "int4_unrolled"
+        assert choose_impl(int4, 8) == "naive"  # off TPU no kernel takes the int4 layout
+    assert choose_impl(DenseWeight(jnp.zeros((2, 8, 32))), 8) == "naive"
+
+
+def test_every_layout_offers_the_same_weight_interface(experts):
+    """Per-layer view, gathered experts, one expert, dense form and device bytes agree between
+    the layouts and with the float32 dequantized weights."""
+    (gate, _, _), (gate_f, _, _) = experts
+    stack = QuantizedWeight(jnp.stack([gate.packed, gate.packed]), jnp.stack([gate.scale] * 2), GS)
+    forms = {
+        "words": QuantizedWeight(stack.packed, stack.scale, GS, jnp.int32(1)),
+        "int4": Int4Weight(*jax.tree.leaves(to_int4_layout(stack)), jnp.int32(1)),
+        "dense": DenseWeight(jnp.stack([jnp.asarray(gate_f)] * 2), jnp.int32(1)),
+    }
+    ids = jnp.asarray([[4, 0], [2, 2]], jnp.int32)
+    for name, w in forms.items():
+        assert w.layout == name and w.shape == gate_f.shape and w.num_experts == 6
+        np.testing.assert_array_equal(np.asarray(w.dequantize()), gate_f, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(w.unstacked().dequantize()), gate_f)
+        np.testing.assert_array_equal(np.asarray(w.take(ids).dequantize()), gate_f[ids])
+        np.testing.assert_array_equal(np.asarray(w.expert(jnp.int32(3))), gate_f[3])
+        leaves = jax.tree.leaves(w)
+        assert w.device_bytes() == sum(a.nbytes for a in leaves if a.ndim), name
+    # 4.5 bits per weight in the words layout on every backend (the int4 layout too on TPU,
+    # which packs int4; the CPU stores an int4 element in a byte).
+    assert forms["words"].device_bytes() * 8 / (2 * np.prod(gate_f.shape)) == 4.5
 
 
 def test_layer_stack_is_read_in_place_and_equals_the_layer(experts):
@@ -184,7 +197,7 @@ def test_layer_stack_is_read_in_place_and_equals_the_layer(experts):
     x = jnp.asarray(rng.standard_normal((3, D)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 6, (3, 2)), jnp.int32)
     wts = jnp.asarray(rng.uniform(0.1, 1.0, (3, 2)), jnp.float32)
-    for impl in ("pallas", "int4_unrolled", "naive"):
+    for impl in ("pallas", "naive"):
         want = routed_experts(x, ids, wts, *one, impl=impl)
         got = routed_experts(x, ids, wts, *stacked, impl=impl)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=impl)

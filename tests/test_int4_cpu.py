@@ -1,4 +1,5 @@
-"""The CPU's fused INT4 kernel (k2jax/csrc/int4_matvec.cc) against float64 matmuls of weights
+"""The CPU's fused INT4 kernel (k2jax/kernels/csrc/int4_matvec.cc) against float64 matmuls of
+weights
 that compressed-tensors packed, for every instruction set this CPU has."""
 
 import jax
@@ -9,9 +10,9 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-from k2jax import cpu_kernels, int4_cpu
-from k2jax.expert_matmul import choose_impl, routed_experts
-from k2jax.quant import QuantizedWeight
+from k2jax.kernels import cpu_library, int4_cpu
+from k2jax.model.expert_matmul import choose_impl, routed_experts
+from k2jax.model.quant import QuantizedWeight
 
 GS = 32
 
@@ -40,14 +41,14 @@ def _reference(x_RI, ids_P, dense_EOI):
 
 
 def _supported_isas():
-    best = cpu_kernels.ISAS[cpu_kernels.best_isa()]
-    return [name for name, code in cpu_kernels.ISAS.items() if name == "auto" or code <= best]
+    best = cpu_library.ISAS[cpu_library.best_isa()]
+    return [name for name, code in cpu_library.ISAS.items() if name == "auto" or code <= best]
 
 
 def test_the_kernel_was_built_and_is_the_cpu_choice():
     """pip install builds it (setup.py); without it the CPU silently takes the slow path."""
-    assert cpu_kernels.available()
-    assert cpu_kernels.best_isa() in ("scalar", "avx2", "avx512")
+    assert cpu_library.available()
+    assert cpu_library.best_isa() in ("scalar", "avx2", "avx512")
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
     assert choose_impl(words, 1) == "cpu_kernel"
     assert choose_impl(words, 4096) == "cpu_kernel"
@@ -66,7 +67,7 @@ def test_kernel_matches_float64_reference(isa, rows, k, out, inp):
     ids = rng.integers(-1, 6, rows * k).astype(np.int32)  # -1 and 5 belong to no local expert
     ids[0] = 2
     ids[-1] = 2  # some expert with several pairs
-    got = jax.jit(lambda x, i: int4_cpu.project(x, i, w, isa=isa))(x, ids)
+    got = jax.jit(lambda x, i: int4_cpu.project(x, i, w.packed, w.scale, isa=isa))(x, ids)
     want = _reference(x, ids, dense)
     # Sums of at most a few hundred float32 products: relative to the largest output.
     np.testing.assert_allclose(
@@ -85,8 +86,7 @@ def test_kernel_reads_one_layer_of_a_stack_in_place(isa):
 
     @jax.jit
     def run(layer):
-        w = QuantizedWeight(stack.packed, stack.scale, GS, layer)
-        return int4_cpu.project(x, ids, w, isa=isa)
+        return int4_cpu.project(x, ids, stack.packed, stack.scale, GS, layer=layer, isa=isa)
 
     for layer in range(3):
         want = _reference(x, ids, dense[layer])
@@ -115,10 +115,10 @@ def test_bad_inputs_are_refused_by_name():
     x = jnp.zeros((2, 64), jnp.float32)
     ids = jnp.zeros((2,), jnp.int32)
     with pytest.raises(ValueError, match="group size 32"):
-        int4_cpu.project(x, ids, QuantizedWeight(w.packed, w.scale, 16))
+        int4_cpu.project(x, ids, w.packed, w.scale, 16)
     with pytest.raises(ValueError, match="96 inputs but the weight 64"):
-        int4_cpu.project(jnp.zeros((2, 96), jnp.float32), ids, w)
+        int4_cpu.project(jnp.zeros((2, 96), jnp.float32), ids, w.packed, w.scale)
     with pytest.raises(ValueError, match="3 pairs do not split evenly over 2 rows"):
-        int4_cpu.project(x, jnp.zeros((3,), jnp.int32), w)
+        int4_cpu.project(x, jnp.zeros((3,), jnp.int32), w.packed, w.scale)
     with pytest.raises(ValueError, match="isa must be one of"):
-        int4_cpu.project(x, ids, w, isa="neon")
+        int4_cpu.project(x, ids, w.packed, w.scale, isa="neon")

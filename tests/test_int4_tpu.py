@@ -26,9 +26,9 @@ import pytest  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from k2jax import int4_pallas  # noqa: E402
-from k2jax.expert_matmul import Int4Weight, routed_experts  # noqa: E402
-from k2jax.quant import QuantizedWeight  # noqa: E402
+from k2jax.kernels import int4_pallas  # noqa: E402
+from k2jax.model.expert_matmul import routed_experts  # noqa: E402
+from k2jax.model.quant import Int4Weight, QuantizedWeight  # noqa: E402
 
 D, M, GS, E, K = 7168, 2048, 32, 384, 8
 BOUND = 1.25

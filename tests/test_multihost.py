@@ -42,8 +42,8 @@ def test_two_processes_match_one(tmp_path):
     import reference
 
     from k2jax import model as k2model
-    from k2jax.config import Config
-    from k2jax.loaded_model import Model
+    from k2jax.model.config import Config
+    from k2jax.serving.loaded_model import Model
 
     raw = reference.hf_config_dict(**TINY)
     config_path = tmp_path / "config.json"
@@ -111,8 +111,8 @@ def _worker(argv: list[str]) -> None:
     import jax.numpy as jnp
 
     from k2jax import model as k2model
-    from k2jax.config import Config
-    from k2jax.loaded_model import Model
+    from k2jax.model.config import Config
+    from k2jax.serving.loaded_model import Model
     from sharding import rules
     from sharding.mesh import make_mesh
 

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax import attention, kv_cache
-from k2jax.attention import MLAttention
-from k2jax.config import Config
-from k2jax.page_allocator import OutOfPages, PageAllocator, pages_for
+from k2jax.model import attention, kv_cache
+from k2jax.model.attention import MLAttention
+from k2jax.model.config import Config
+from k2jax.serving.page_allocator import OutOfPages, PageAllocator, pages_for
 
 
 def test_allocator_never_hands_out_scratch_or_a_live_page():
@@ -77,7 +77,7 @@ def tiny_attention_cfg() -> Config:
 def test_absorbed_attention_over_paged_cache_equals_naive(form, monkeypatch):
     """Fill a paged cache (scattered pages) with a sequence's latents, then attend from every
     position both ways: absorbed over the cache, naive over the same latents. Every absorbed
-    form runs here: the CPU kernel (k2jax.attention_cpu, in the layer's call), XLA:CPU's jnp
+    form runs here: the CPU kernel (k2jax.kernels.attention_cpu, in the layer's call), XLA:CPU's jnp
     form (whole rows, one batch row at a time) and the one traced for TPUs (c_kv sliced,
     batched), which is plain jnp."""
     platform = form.split("-")[0]
@@ -92,7 +92,7 @@ def test_absorbed_attention_over_paged_cache_equals_naive(form, monkeypatch):
     rng = jax.random.key(0)
     x = jax.random.normal(rng, (b, t, cfg.hidden_size), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    from k2jax.rope import rope_tables
+    from k2jax.model.rope import rope_tables
 
     cos, sin = rope_tables(cfg, pos)
     params = attn.init(jax.random.key(1), x, cos, sin, pos)

@@ -17,7 +17,7 @@ import pytest
 import reference
 
 from k2jax import model as k2model
-from k2jax.config import Config
+from k2jax.model.config import Config
 from sharding import plan, rules, topologies
 from sharding.mesh import make_mesh
 

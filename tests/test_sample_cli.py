@@ -10,7 +10,8 @@ import sys
 import pytest
 import reference
 
-from k2jax import cpu_kernels, default_model, sample
+from k2jax import default_model, sample
+from k2jax.kernels import cpu_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def test_default_model_runs_and_says_what_it_is(tmp_path):
     )
     out = json.loads(proc.stdout)
     assert "RANDOM, UNTRAINED" in proc.stderr and "RANDOM, UNTRAINED" in out["model"]
-    assert f"CPU kernels: {cpu_kernels.best_isa()}" in out["model"]  # the fast path, named
+    assert f"CPU kernels: {cpu_library.best_isa()}" in out["model"]  # the fast path, named
     assert out["prompt_ids"] == default_model.encode_bytes(sample.DEFAULT_PROMPT)
     assert 1 <= len(out["new_ids"]) <= 6 and len(out["logprobs"]) == len(out["new_ids"])
     assert out["text_encoding"].startswith("utf-8 bytes")

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from k2jax import sampling
-from k2jax.sampling import BatchSampling, SamplingParams
+from k2jax.serving import sampling
+from k2jax.serving.sampling import BatchSampling, SamplingParams
 
 V = 12
 LOGITS_V = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.3, 0.0, -0.4, -1.0, -1.5, -2.5, -4.0], np.float32)

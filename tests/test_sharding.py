@@ -14,8 +14,8 @@ import reference
 from jax.sharding import NamedSharding, PartitionSpec
 
 from k2jax import model as k2model
-from k2jax.config import Config
-from k2jax.loaded_model import Model
+from k2jax.model.config import Config
+from k2jax.serving.loaded_model import Model
 from sharding import rules
 from sharding.mesh import make_mesh, parse_mesh
 

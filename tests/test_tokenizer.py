@@ -1,4 +1,4 @@
-"""k2jax.tokenizer: K2's tiktoken format, pre-tokenization, special ids, streaming decode."""
+"""k2jax.chat.tokenizer: K2's tiktoken format, pre-tokenization, special ids, streaming decode."""
 
 import io
 import re
@@ -12,7 +12,7 @@ from k2_tokenizer_fixture import (
     write_k2_tokenizer_dir,
 )
 
-from k2jax.tokenizer import (
+from k2jax.chat.tokenizer import (
     K2_SPECIAL_TOKEN_NAMES_BY_OFFSET,
     SentencePieceTokenizer,
     TiktokenTokenizer,

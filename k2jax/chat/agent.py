@@ -12,8 +12,8 @@ Tool output is data: it is turned into text with `str` or `json.dumps`, never ev
 The agent keeps only the message list between steps, so memory grows with the conversation's
 text and nothing else.
 
-The model is anything with `generate_stream(prompts, max_new_tokens, *, temperature, top_k,
-top_p, min_p, seed, stop_token_ids)` yielding, per decode step, a list of
+The model is anything with `generate_stream(prompts, max_new_tokens, options)` (options: a
+`k2jax.serving.options.GenerateOptions`) yielding, per decode step, a list of
 `(prompt_index, token_id)` pairs.
 """
 
@@ -33,7 +33,8 @@ import jsonschema
 
 from k2jax.chat.parse import ParseEvent, StreamParser
 from k2jax.chat.render import IncrementalRenderer
-from k2jax.tokenizer import Tokenizer
+from k2jax.chat.tokenizer import Tokenizer
+from k2jax.serving.options import GenerateOptions
 
 
 class StreamingModel(Protocol):
@@ -43,25 +44,8 @@ class StreamingModel(Protocol):
         self,
         prompts: list[list[int]],
         max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int = 0,
-        stop_token_ids: Sequence[int] | None = None,
+        options: GenerateOptions | None = None,
     ) -> Iterator[list[tuple[int, int]]]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-    """Sampling knobs passed through to `generate_stream`."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,12 +177,9 @@ class Agent:
         max_new_tokens: int = 16384,
         max_total_tokens: int | None = None,
         max_seconds: float | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        seed: int = 0,
+        options: GenerateOptions | None = None,
         on_event: Callable[[ParseEvent | dict[str, Any]], None] | None = None,
+        **generate_keywords: Any,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -210,12 +191,14 @@ class Agent:
         self.max_new_tokens = max_new_tokens
         self.max_total_tokens = max_total_tokens
         self.max_seconds = max_seconds
-        self.sampling = SamplingSettings(temperature, top_k, top_p, min_p, seed)
+        # Sampling and engine knobs (temperature=..., seed=..., ...: GenerateOptions.KEYWORDS);
+        # a turn stops at <|im_end|> (and the tokenizer's eos).
+        stops = [tokenizer.encode_special("<|im_end|>")]
+        if tokenizer.eos_id is not None:
+            stops.append(tokenizer.eos_id)
+        self.options = GenerateOptions.of(options, **generate_keywords, stop_token_ids=stops)
         self.on_event = on_event
         self._renderer = IncrementalRenderer(tokenizer, self.tool_declarations or None)
-        self._stop_token_ids = [tokenizer.encode_special("<|im_end|>")]
-        if tokenizer.eos_id is not None:
-            self._stop_token_ids.append(tokenizer.eos_id)
 
     @property
     def tool_declarations(self) -> list[dict[str, Any]]:
@@ -299,12 +282,7 @@ class Agent:
     ) -> tuple[dict[str, Any], int, bool, bool]:
         prompt = self._renderer.render(self.messages)
         parser = StreamParser(self.tokenizer)
-        stream = self.model.generate_stream(
-            [prompt],
-            token_budget,
-            **dataclasses.asdict(self.sampling),
-            stop_token_ids=list(self._stop_token_ids),
-        )
+        stream = self.model.generate_stream([prompt], token_budget, self.options)
         new_tokens, out_of_time = 0, False
         try:
             for step_tokens in stream:

@@ -16,7 +16,8 @@ from typing import Any, TextIO
 from k2jax.chat.agent import StreamingModel
 from k2jax.chat.parse import StreamParser
 from k2jax.chat.render import render
-from k2jax.tokenizer import Tokenizer
+from k2jax.chat.tokenizer import Tokenizer
+from k2jax.serving.options import GenerateOptions
 
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 
@@ -59,11 +60,7 @@ def run_chat(
     system: str | None = None,
     tools_json_path: str | os.PathLike | None = None,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int = 0,
+    options: GenerateOptions | None = None,
     stream: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Renders one user turn, streams the model's reply to `stream`, returns the parsed turn
@@ -75,6 +72,7 @@ def run_chat(
     stop_token_ids = [tokenizer.encode_special("<|im_end|>")]
     if tokenizer.eos_id is not None:
         stop_token_ids.append(tokenizer.eos_id)
+    options = GenerateOptions.of(options, stop_token_ids=stop_token_ids)
     use_color = hasattr(stream, "isatty") and stream.isatty()
     dim, reset = (_DIM, _RESET) if use_color else ("", "")
     parser = StreamParser(tokenizer)
@@ -98,16 +96,7 @@ def run_chat(
         stream.write(event.text)
         stream.flush()
 
-    generation = model.generate_stream(
-        [prompt_ids],
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        seed=seed,
-        stop_token_ids=stop_token_ids,
-    )
+    generation = model.generate_stream([prompt_ids], max_new_tokens, options)
     try:
         for step_tokens in generation:
             for _, token_id, *_ in step_tokens:

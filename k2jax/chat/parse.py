@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from k2jax.chat.render import STRUCTURAL_TOKENS
-from k2jax.tokenizer import Tokenizer
+from k2jax.chat.tokenizer import Tokenizer
 
 END_OF_TURN_TOKENS = frozenset({"<|im_end|>", "[EOS]", "[EOT]"})
 _TEXT_MODE_SPECIALS = (*STRUCTURAL_TOKENS, "[BOS]", "[EOS]", "[EOT]")

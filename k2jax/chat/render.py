@@ -13,10 +13,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from k2jax.tokenizer import Tokenizer
+from k2jax.chat.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
-GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
+
 STRUCTURAL_TOKENS = (
     "<|im_user|>",
     "<|im_assistant|>",

@@ -35,40 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax import kv_cache, sampling
 from k2jax import model as k2model
-from k2jax.config import Config
-from k2jax.page_allocator import OutOfPages, PageAllocator, pages_for
-from k2jax.sampling import SamplingParams
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Serving knobs. ``num_pages=None`` sizes the pool so every slot's longest request fits."""
-
-    max_batch: int = 8
-    page_size: int = 16
-    num_pages: int | None = None
-    prefill_chunk: int = 128
-    cache_dtype: str | None = None  # None: the model's dtype if float32, else bfloat16
-    min_context_bucket: int = 64
-    preempt: bool = True
-    # XLA options for the step programs, e.g. default_model.FAST_COMPILE for a toy model whose
-    # compile time dwarfs its run time; None keeps XLA's optimizing defaults.
-    compiler_options: tuple[tuple[str, object], ...] | None = None
-
-    def __post_init__(self) -> None:
-        for field in ("max_batch", "page_size", "prefill_chunk", "min_context_bucket"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineConfig.{field} = {value!r} must be a positive integer")
-        if self.num_pages is not None and (
-            not isinstance(self.num_pages, int) or self.num_pages < 2
-        ):
-            raise ValueError(
-                f"EngineConfig.num_pages = {self.num_pages!r} must be an integer >= 2 "
-                "(page 0 is the scratch page)"
-            )
+from k2jax.model import kv_cache
+from k2jax.model.config import Config
+from k2jax.serving import sampling
+from k2jax.serving.options import EngineConfig, GenerateOptions
+from k2jax.serving.page_allocator import OutOfPages, PageAllocator, pages_for
+from k2jax.serving.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +156,8 @@ class Engine:
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
 
-    def _validate(self, r: Request) -> None:
+    def validate(self, r: Request) -> None:
+        """ValueError naming what is wrong with request ``r`` for this model."""
         if not r.prompt:
             raise ValueError("a prompt must hold at least one token")
         lo, hi = min(r.prompt), max(r.prompt)
@@ -222,7 +196,7 @@ class Engine:
         """
         ec = self.engine_cfg
         for r in requests:
-            self._validate(r)
+            self.validate(r)
         live = [r for r in requests if r.max_new_tokens > 0]
         if not live:
             return
@@ -365,58 +339,54 @@ class Engine:
                 yield events
 
 
-def _requests(
-    model, prompts, max_new_tokens, *, stop_token_ids, logprobs, seed, **sampling_kwargs
-) -> list[Request]:
+def _requests(model, prompts, max_new_tokens, options: GenerateOptions) -> list[Request]:
     if isinstance(prompts, np.ndarray | jax.Array):
         prompts = np.asarray(prompts).tolist()
-    if not isinstance(prompts, Sequence) or not prompts:
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    if not all(isinstance(p, Sequence | np.ndarray) for p in prompts):
+    if not all(isinstance(p, Sequence | np.ndarray) and not isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a list of token-id lists, e.g. [[1, 2, 3]]")
-    stops = None if stop_token_ids is None else tuple(int(t) for t in stop_token_ids)
+    for i, p in enumerate(prompts):
+        for t in p:
+            if not _is_token_id(t):
+                raise ValueError(
+                    f"prompt {i}: token ids must be integers, got {t!r} ({type(t).__name__})"
+                )
     return [
         Request(
             prompt=tuple(int(t) for t in p),
             max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(seed=seed + i, logprobs=logprobs, **sampling_kwargs),
-            stop_token_ids=stops,
+            sampling=options.sampling_for(i),
+            stop_token_ids=options.stop_token_ids,
         )
         for i, p in enumerate(prompts)
     ]
 
 
-def _engine(model, **engine_kwargs) -> Engine:
-    options = engine_kwargs.get("compiler_options")
-    if isinstance(options, dict):
-        engine_kwargs["compiler_options"] = tuple(sorted(options.items()))
+def _is_token_id(t) -> bool:
+    return isinstance(t, int | np.integer) and not isinstance(t, bool | np.bool_)
+
+
+def _engine(model, options: GenerateOptions) -> Engine:
     return Engine(
         model.config,
         model.params,
         model.dtype,
-        EngineConfig(**engine_kwargs),
+        options.engine,
         mesh=getattr(model, "mesh", None),
         rules=getattr(model, "rules", ()),
     )
 
 
-_ENGINE_KEYS = (
-    "page_size",
-    "num_pages",
-    "max_batch",
-    "prefill_chunk",
-    "cache_dtype",
-    "preempt",
-    "compiler_options",
-)
+def generate_stream(model, prompts, max_new_tokens, options: GenerateOptions):
+    """``Model.generate_stream``: per-step lists of (prompt_index, token[, logprob]).
 
-
-def generate_stream(model, prompts, max_new_tokens, **kwargs):
-    """``Model.generate_stream``: per-step lists of (prompt_index, token[, logprob])."""
-    engine_kwargs = {k: kwargs.pop(k) for k in _ENGINE_KEYS if k in kwargs}
-    with_logprobs = kwargs.get("logprobs", False)
-    requests = _requests(model, prompts, max_new_tokens, **kwargs)
-    engine = _engine(model, **engine_kwargs)
+    Prompts and options are checked here, at call time, not at the first iteration."""
+    requests = _requests(model, prompts, max_new_tokens, options)
+    engine = _engine(model, options)
+    for r in requests:
+        engine.validate(r)
+    with_logprobs = options.sampling.logprobs
 
     def stream():
         for events in engine.run(requests):
@@ -428,12 +398,12 @@ def generate_stream(model, prompts, max_new_tokens, **kwargs):
     return stream()
 
 
-def generate(model, prompts, max_new_tokens, **kwargs):
+def generate(model, prompts, max_new_tokens, options: GenerateOptions):
     """``Model.generate``: the new tokens of every prompt (and their logprobs on request)."""
-    with_logprobs = kwargs.get("logprobs", False)
+    with_logprobs = options.sampling.logprobs
     tokens: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens, **kwargs):
+    for step in generate_stream(model, prompts, max_new_tokens, options):
         for index, token, *lp in step:
             tokens[index].append(token)
             if with_logprobs:

@@ -6,7 +6,7 @@
   against the cached latents directly (q_lat . c_kv + q_pe . k_pe), the weighted sum runs over
   the latents, and the value up-projection W_UV is applied afterwards. Used for chunked prefill
   and decode against the paged cache; the cache holds C + R values per token and layer. On the
-  CPU it runs through k2jax's kernel (k2jax.attention_cpu), which reads the pool in place;
+  CPU it runs through k2jax's kernel (k2jax.kernels.attention_cpu), which reads the pool in place;
   without the kernel library, through XLA:CPU in jnp.
 
 Both write the same normalized latent and rotated rope key, so a cache filled by either serves
@@ -19,19 +19,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k2jax import attention_cpu, cpu_kernels, kv_cache
-from k2jax.config import Config
-from k2jax.expert_matmul import target_platform
-from k2jax.layers import RMSNorm, fan_in_init, param
-from k2jax.rope import apply_rope
+from k2jax.kernels import attention_cpu, cpu_library
+from k2jax.kernels.platform import target_platform
+from k2jax.model import kv_cache
+from k2jax.model.config import Config
+from k2jax.model.layers import RMSNorm, fan_in_init, param
+from k2jax.model.rope import apply_rope
 
 NEG_INF = -1e30
 
 
 def _use_cpu_kernel() -> bool:
-    """Absorbed attention through k2jax's CPU kernel (k2jax.attention_cpu): on the CPU, where
+    """Absorbed attention through k2jax's CPU kernel (k2jax.kernels.attention_cpu): on the CPU,
+    where
     the kernel library was built."""
-    return target_platform() == "cpu" and cpu_kernels.available()
+    return target_platform() == "cpu" and cpu_library.available()
 
 
 class MLAttention(nn.Module):

@@ -1,8 +1,9 @@
-"""k2jax's XLA:CPU kernels (k2jax/csrc), loaded and registered with XLA once.
+"""k2jax's XLA:CPU kernels (k2jax/kernels/csrc), loaded and registered with XLA once.
 
 One shared library, built by ``pip install`` (setup.py), holds two FFI targets: the fused INT4
-expert matvec (``k2jax.int4_cpu``) and absorbed attention over the paged latent cache
-(``k2jax.attention_cpu``). It ships with no checkpoint and runs no code from one. Where it was
+expert matvec (``k2jax.kernels.int4_cpu``) and absorbed attention over the paged latent cache
+(``k2jax.kernels.attention_cpu``). It ships with no checkpoint and runs no code from one. Where it
+was
 not built (no C++ compiler at install time) ``available()`` is False, a warning says so once,
 and the model uses its jnp formulations instead.
 """
@@ -16,7 +17,7 @@ import warnings
 
 import jax
 
-MODULE = "k2jax._cpu_kernels"
+MODULE = "k2jax.kernels._cpu_kernels"
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {
     "k2jax_int4_matvec": "K2jaxInt4Matvec",

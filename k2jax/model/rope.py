@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax.config import Config
+from k2jax.model.config import Config
 
 
 def inv_frequencies(cfg: Config) -> np.ndarray:

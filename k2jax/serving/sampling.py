@@ -75,10 +75,6 @@ class SamplingParams:
         if not 0 <= self.seed < 2**32:
             fail("seed", "must lie in [0, 2**32)")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 def _is_real(x) -> bool:
     return (

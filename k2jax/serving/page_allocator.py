@@ -1,6 +1,6 @@
 """Host-side page bookkeeping for the paged latent cache: a free list and per-sequence tables.
 
-The device pool (``k2jax.kv_cache``) is ``[L, P, S_page, W]``; this allocator decides which of
+The device pool (``k2jax.model.kv_cache``) is ``[L, P, S_page, W]``; this allocator decides which of
 the P pages each sequence owns. Page 0 is the scratch page padding tokens write to, so it is
 never handed out. A page belongs to at most one live sequence at a time, which is what
 guarantees the cache never overwrites a live page. Allocation is all-or-nothing: a request
@@ -14,7 +14,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from k2jax.kv_cache import SCRATCH_PAGE
+from k2jax.model.kv_cache import SCRATCH_PAGE
 
 
 class OutOfPages(RuntimeError):
@@ -43,11 +43,6 @@ class PageAllocator:
     @property
     def num_free(self) -> int:
         return len(self._free)
-
-    @property
-    def capacity_tokens(self) -> int:
-        """Positions one sequence could hold if it owned every usable page."""
-        return (self.num_pages - 1) * self.page_size
 
     def pages(self, seq: Hashable) -> list[int]:
         """The block table of ``seq`` (a copy; empty when it holds nothing)."""

@@ -7,7 +7,7 @@ a scratch page that is never handed to a sequence: padding tokens write there, a
 block-table entries point there (their positions are masked out).
 
 Host-side bookkeeping (which pages are free, which sequence owns which) lives in
-``k2jax.page_allocator``; this module only reads and writes device arrays.
+``k2jax.serving.page_allocator``; this module only reads and writes device arrays.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from k2jax import model as k2model
-from k2jax.config import Config
+from k2jax.model.config import Config
+from k2jax.model.quant import LAYOUTS, PROJECTIONS, layout_of
+from k2jax.serving import engine
+from k2jax.serving.options import GenerateOptions
 
 
 def as_token_array(token_ids: Sequence[Sequence[int]] | np.ndarray, vocab_size: int) -> np.ndarray:
@@ -92,77 +96,44 @@ class Model:
     def expert_bits_per_weight(self) -> float:
         """Device bytes of the routed experts (payload + scales) * 8 / their weight count."""
         experts = self.params["moe_layers"]["moe"]["experts"]
-        nbytes = sum(a.on_device_size_in_bytes() for a in jax.tree.leaves(experts))
-        weights = sum(
-            a.size * (8 if name.endswith("_packed") else 1)
-            for name, a in experts.items()
-            if name.endswith(("_packed", "_values"))
-        )
+        weight_cls = LAYOUTS[layout_of(experts)]
+        group_size = self.config.quantization.group_size
+        layer0 = jnp.int32(0)
+        stacks = [weight_cls.from_params(experts, p, group_size, layer0) for p in PROJECTIONS]
+        nbytes = sum(w.device_bytes() for w in stacks)
+        weights = self.config.num_moe_layers * sum(math.prod(w.shape) for w in stacks)
         return nbytes * 8 / weights
 
     def generate(
         self,
-        prompts: list[list[int]],
+        prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        seed: int = 0,
-        stop_token_ids: Sequence[int] | None = None,
-        page_size: int = 16,
-        num_pages: int | None = None,
-        logprobs: bool = False,
-        max_batch: int = 8,
-        prefill_chunk: int = 128,
-        cache_dtype: str | None = None,
-        preempt: bool = True,
-        compiler_options: dict | None = None,
+        options: GenerateOptions | None = None,
+        **keywords,
     ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
         """The new token ids of each prompt (its stop token included), in prompt order.
 
-        Sampling follows ``k2jax.sampling.SamplingParams`` (K2 Thinking's defaults: temperature
-        1.0, top_p 1.0; temperature 0 is greedy); prompt i draws with seed ``seed + i``.
-        ``stop_token_ids=None`` stops at the config's eos (``<|im_end|>`` for K2), ``[]`` never
-        stops early. The engine knobs (``page_size``, ``num_pages``, ``max_batch``,
-        ``prefill_chunk``, ``cache_dtype``, ``preempt``, ``compiler_options``) are
-        ``k2jax.engine.EngineConfig``'s.
-        With ``logprobs=True`` returns ``(tokens, logprobs)``, the raw logprob of each token.
+        Options come as a ``k2jax.serving.options.GenerateOptions``, as flat keywords (its
+        ``KEYWORDS``: the sampling fields of ``SamplingParams``, ``stop_token_ids``, and the
+        engine knobs of ``EngineConfig``), or both, keywords winning. Sampling follows K2
+        Thinking's defaults (temperature 1.0, top_p 1.0; temperature 0 is greedy); prompt i
+        draws with seed ``seed + i``. ``stop_token_ids=None`` stops at the config's eos
+        (``<|im_end|>`` for K2), ``[]`` never stops early. With ``logprobs=True`` returns
+        ``(tokens, logprobs)``, the raw logprob of each token.
         """
-        from k2jax import engine  # the engine sits above this class's imports
-
-        kwargs = {k: v for k, v in locals().items() if k not in ("self", "engine")}
-        return engine.generate(self, **kwargs)
+        return engine.generate(
+            self, prompts, max_new_tokens, GenerateOptions.of(options, **keywords)
+        )
 
     def generate_stream(
         self,
-        prompts: list[list[int]],
+        prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        seed: int = 0,
-        stop_token_ids: Sequence[int] | None = None,
-        page_size: int = 16,
-        num_pages: int | None = None,
-        logprobs: bool = False,
-        max_batch: int = 8,
-        prefill_chunk: int = 128,
-        cache_dtype: str | None = None,
-        preempt: bool = True,
-        compiler_options: dict | None = None,
-    ):
+        options: GenerateOptions | None = None,
+        **keywords,
+    ) -> Iterator[list[tuple]]:
         """Yields, per engine step, the ``(prompt_index, token_id)`` pairs produced in that
         step, stop tokens included (``(prompt_index, token_id, logprob)`` with
-        ``logprobs=True``). Same arguments as ``generate``."""
-        from k2jax import engine
-
-        kwargs = {k: v for k, v in locals().items() if k not in ("self", "engine")}
-        return engine.generate_stream(self, **kwargs)
+        ``logprobs=True``). Same arguments as ``generate``; they are checked at call time."""
+        options = GenerateOptions.of(options, **keywords)
+        return engine.generate_stream(self, prompts, max_new_tokens, options)

@@ -1,4 +1,5 @@
-"""Absorbed MLA attention over the paged latent cache on the CPU: k2jax/csrc/latent_attention.cc,
+"""Absorbed MLA attention over the paged latent cache on the CPU:
+k2jax/kernels/csrc/latent_attention.cc,
 called through the XLA FFI.
 
 ``attend(q_BTNW, pages, layer, block_tables_BP, positions_BT, scale, latent)`` returns
@@ -11,7 +12,7 @@ where row_s is key position s of row b's pages in ``layer`` of the pool [L, P, K
 ``block_tables[b, s // K]``, slot ``s % K``. It reads the pool in place (no gather of a row's
 pages), widens each bf16 row to float32 once, and splits a query's keys over threads when the
 queries are fewer than the threads (decode). Padding queries (negative positions) get zeros.
-Where the kernel library was not built, ``k2jax.attention`` uses its jnp form.
+Where the kernel library was not built, ``k2jax.model.attention`` uses its jnp form.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax import cpu_kernels
+from k2jax.kernels import cpu_library
 
 TARGET = "k2jax_latent_attention"
 
@@ -37,8 +38,8 @@ def attend(
     isa: str = "auto",
 ) -> jax.Array:
     """Softmax attention of the queries over their rows' cached latents; see the module doc."""
-    cpu_kernels.require()
-    isa_attr = np.int32(cpu_kernels.isa_code(isa))
+    cpu_library.require()
+    isa_attr = np.int32(cpu_library.isa_code(isa))
     b, t, n, w = q_BTNW.shape
     if pages.ndim != 4 or pages.shape[-1] != w:
         raise ValueError(f"pages must be [L, P, K, {w}] (the query's width), got {pages.shape}")

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from k2jax.config import Config
-from k2jax.expert_matmul import Int4Weight, num_experts, routed_experts
-from k2jax.layers import MLP, param
-from k2jax.quant import QuantizedWeight
+from k2jax.model.config import Config
+from k2jax.model.expert_matmul import routed_experts
+from k2jax.model.layers import MLP, param
+from k2jax.model.quant import LAYOUTS, ExpertWeight, QuantizedWeight, layout_of
 
 
 def route(
@@ -97,26 +97,15 @@ class Experts(nn.Module):
         return QuantizedWeight(packed, scale, g)
 
     def _weight(self, name: str, out: int, inp: int, axes: tuple[str, str], stack_index=None):
-        """The ``name`` projection in whichever resident layout the params hold: checkpoint
-        words (``QuantizedWeight``, what ``init`` makes) or TPU int4 (``Int4Weight``, made once
-        at load time by ``k2jax.model.to_expert_layout``)."""
-        if self.has_variable("params", f"{name}_values"):
-            values = self.get_variable("params", f"{name}_values")
-            scale = self.get_variable("params", f"{name}_group_scale")
-            # A whole MoE-layer stack [L, E, G, S, O] (what k2jax.model.forward passes, so the
-            # Pallas kernel reads it in place): this call uses layer ``stack_index`` of it.
-            stacked = values.ndim == 5
-            if stacked and stack_index is None:
-                raise ValueError(f"{name}: a stacked [L, ...] expert weight needs stack_index")
-            return Int4Weight(values, scale, stack_index if stacked else None)
-        if self.has_variable("params", f"{name}_packed"):
-            packed = self.get_variable("params", f"{name}_packed")
-            if packed.ndim == 4:  # a whole MoE-layer stack [L, E, O, I/8], as for int4 above
-                if stack_index is None:
-                    raise ValueError(f"{name}: a stacked [L, ...] expert weight needs stack_index")
-                scale = self.get_variable("params", f"{name}_scale")
-                return QuantizedWeight(packed, scale, self.cfg.quantization.group_size, stack_index)
-        return self._int4(name, out, inp, axes)
+        """The ``name`` projection in whichever resident layout the params hold (see
+        ``k2jax.model.quant``): the checkpoint's words, what ``init`` makes, or TPU int4, made
+        once at load time. A whole MoE-layer stack [L, ...] (what k2jax.model.forward passes, so
+        the kernels read it in place) is used at layer ``stack_index``."""
+        if self.is_initializing():
+            return self._int4(name, out, inp, axes)
+        params = self.variables["params"]
+        weight_cls = LAYOUTS[layout_of(params)]
+        return weight_cls.from_params(params, name, self.cfg.quantization.group_size, stack_index)
 
     @nn.compact
     def __call__(self, x_TD, ids_TK, weights_TK, expert_offset=0, batch=1, stack_index=None):
@@ -150,7 +139,9 @@ def mesh_axes(logical: str) -> tuple[str, ...]:
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 
 
-def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
+def _expert_parallel(
+    x_TD, ids_TK, weights_TK, weights: tuple[ExpertWeight, ...], expert_axes, batch
+):
     """``routed_experts`` in a shard_map: each device its own experts, one combining collective.
 
     Tokens stay split as ``act_batch`` says where that divides them. Token axes that are also
@@ -159,7 +150,7 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
     summed with one psum (decode: the only collective).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    total = num_experts(weights[0])
+    total = weights[0].num_experts
     shards = math.prod(mesh.shape[a] for a in expert_axes)
     if total % shards:
         raise ValueError(
@@ -177,7 +168,6 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
         token_axes, gathered = (), ()
     summed = tuple(a for a in expert_axes if a not in gathered)
     tok = PartitionSpec(token_axes or None)
-    exp = PartitionSpec(expert_axes)
 
     def body(x_TD, ids_TK, weights_TK, gate, up, down):
         if gathered:
@@ -195,20 +185,10 @@ def _expert_parallel(x_TD, ids_TK, weights_TK, weights, expert_axes, batch):
 
     # check_vma=False: routed_experts may branch (lax.cond) on data whose per-device variance the
     # checker cannot match across branches; the psum / psum_scatter above are explicit anyway.
-    # Each weight pytree (payload + scales, either layout) is split on its expert axis: the
-    # leading one, or the second for a layer stack (``Int4Weight.layer`` set; the layer axis is
-    # never sharded, and the index itself is replicated). Both match the params' own sharding,
-    # so nothing is resharded at the boundary.
-    def weight_spec(w):
-        if isinstance(w, Int4Weight) and w.layer is not None:
-            stacked = PartitionSpec(None, expert_axes)
-            return Int4Weight(stacked, stacked, PartitionSpec())
-        if isinstance(w, QuantizedWeight) and w.layer is not None:
-            stacked = PartitionSpec(None, expert_axes)
-            return QuantizedWeight(stacked, stacked, w.group_size, PartitionSpec())
-        return exp
-
-    in_specs = (tok, tok, tok, *(weight_spec(w) for w in weights))
+    # Each weight pytree (payload + scales, any layout) is split on its expert axis
+    # (``ExpertWeight.shard_spec``), matching the params' own sharding, so nothing is resharded
+    # at the boundary.
+    in_specs = (tok, tok, tok, *(w.shard_spec(expert_axes) for w in weights))
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
         x_TD, ids_TK, weights_TK, *weights
     )

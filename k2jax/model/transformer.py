@@ -28,14 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax import kv_cache
-from k2jax.attention import MLAttention
-from k2jax.config import Config
-from k2jax.expert_matmul import to_int4_layout
-from k2jax.layers import MLP, RMSNorm, fan_in_init, param
-from k2jax.moe import MoE, mesh_axes
-from k2jax.quant import QuantizedWeight
-from k2jax.rope import rope_tables
+from k2jax.model import kv_cache
+from k2jax.model.attention import MLAttention
+from k2jax.model.config import Config
+from k2jax.model.layers import MLP, RMSNorm, fan_in_init, param
+from k2jax.model.moe import MoE, mesh_axes
+from k2jax.model.quant import LAYOUTS, Int4Weight, QuantizedWeight, layout_of, to_int4_layout
+from k2jax.model.rope import rope_tables
 
 STACKS = ("dense_layers", "moe_layers")
 
@@ -158,8 +157,8 @@ def init_params(cfg: Config, key: jax.Array, dtype=jnp.bfloat16) -> dict:
     return nn.unbox(_init_boxed(cfg, key, dtype))
 
 
-EXPERT_LAYOUTS = ("words", "int4")
-_PROJECTIONS = {
+EXPERT_LAYOUTS = tuple(LAYOUTS)
+_PROJECTION_AXES = {
     "gate": ("expert_mlp", "expert_embed"),
     "up": ("expert_mlp", "expert_embed"),
     "down": ("expert_embed", "expert_mlp"),
@@ -172,22 +171,22 @@ def to_expert_layout(params: dict, layout: str) -> dict:
     ``"words"`` is the checkpoint's packing (``{proj}_packed`` int32 [L, E, O, I/8] +
     ``{proj}_scale`` bf16 [L, E, O, G]), what ``init_params`` and the loaders produce.
     ``"int4"`` is the TPU layout (``{proj}_values`` int4 [L, E, G, S, O] +
-    ``{proj}_group_scale`` bf16 [L, E, G, O]; see ``k2jax.expert_matmul.Int4Weight``). Both are
+    ``{proj}_group_scale`` bf16 [L, E, G, O]; see ``k2jax.model.quant.Int4Weight``). Both are
     4.5 bits per weight. Works on arrays and on ShapeDtypeStructs (via ``jax.eval_shape``).
     """
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
     experts = params.get("moe_layers", {}).get("moe", {}).get("experts")
-    current = None if experts is None else ("int4" if "gate_values" in experts else "words")
+    current = None if experts is None else layout_of(experts)
     if current in (None, layout):
         return params
     if current == "int4":
         raise ValueError("converting int4-layout experts back to words is not supported")
     converted = {}
-    for proj in _PROJECTIONS:
-        values, group_scale = int4_projection(experts[f"{proj}_packed"], experts[f"{proj}_scale"])
-        converted[f"{proj}_values"] = values
-        converted[f"{proj}_group_scale"] = group_scale
+    for proj in _PROJECTION_AXES:
+        words = (experts[name] for name in QuantizedWeight.param_names(proj))
+        values_name, scale_name = Int4Weight.param_names(proj)
+        converted[values_name], converted[scale_name] = int4_projection(*words)
     moe = {**params["moe_layers"]["moe"], "experts": converted}
     return {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
 
@@ -208,10 +207,11 @@ def param_axes(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "words") ->
     if expert_layout == "int4" and cfg.num_moe_layers:
         lead = ("layers", "experts")
         experts = {}
-        for proj, (out, inp) in _PROJECTIONS.items():
+        for proj, (out, inp) in _PROJECTION_AXES.items():
             # values [L, E, G, S, O]: the group axis runs over the inputs, S within a group.
-            experts[f"{proj}_values"] = (*lead, inp, None, out)
-            experts[f"{proj}_group_scale"] = (*lead, inp, out)
+            values_name, scale_name = Int4Weight.param_names(proj)
+            experts[values_name] = (*lead, inp, None, out)
+            experts[scale_name] = (*lead, inp, out)
         axes["moe_layers"]["moe"]["experts"] = experts
     return axes
 

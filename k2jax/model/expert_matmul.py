@@ -1,0 +1,277 @@
+"""The routed-expert matmuls: SwiGLU experts over INT4 weights, for the experts tokens chose.
+
+This module owns how packed INT4 expert weights meet the activations. Every caller (the MoE
+block, expert parallelism, benchmarks) goes through ``routed_experts``; the formulation is chosen
+in one place, ``choose_impl``, from the weight's layout (``k2jax.model.quant``: ``"words"``, the
+checkpoint's packing, on the CPU; ``"int4"`` on TPU) and the target platform. What each one reads
+and why it won is measured in docs/int4.md.
+
+Formulations (``impl=``):
+
+- ``"cpu_kernel"`` (CPU default, decode and prefill): k2jax.kernels.int4_cpu's fused matvec, an
+  XLA FFI custom call that decodes each chosen expert's packed rows in registers against every
+  pair routed to it; three calls per layer (gate, up, down) and nothing widened in memory. 4-6x
+  faster than ``words_tiled`` at decode. Needs group size 32 and the kernel built at install
+  time; otherwise the CPU falls back to ``words_tiled``.
+- ``"words_tiled"`` (CPU fallback, decode and prefill): sort pairs by expert into row tiles of one
+  expert each, then loop over the tiles widening only that tile's expert to float32 for one
+  plain dot (each widened expert stays in cache; 6-13x faster than ``naive`` at decode). The
+  work is bounded by the pairs (P + min(E, P) * (tile - 1) rows), never by the expert count;
+  ``jax.lax.ragged_dot`` was rejected here because XLA:CPU computes it densely over every
+  expert (its cost grew 16x from 16 to 256 experts at the same top-k).
+- ``"pallas"`` (TPU): sort pairs by expert into row tiles, one Pallas call per projection that
+  widens INT4 tiles in VMEM, bf16 MXU matmul per group, scales applied in f32. Exact.
+- ``"naive"``: gather the chosen experts, dequantize ("scale then einsum"), einsum: the
+  reference formulation, and the form for layouts no kernel takes (int4 off TPU, dense). It
+  materializes [T, K, O, I] float32 weights (slow on the CPU), and on TPU it is the
+  counter-example the tests must reject.
+
+Two formulations that lost were removed from the package: ``words_decode`` (gathered words,
+multiply-sum per group; kept as a counter-example in benchmarks/int4_matmul.py) and
+``int4_unrolled`` (one fused dot per pair, the TPU fallback without Pallas, which production
+never selected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from k2jax.kernels import int4_cpu, int4_pallas
+from k2jax.kernels.platform import target_platform
+from k2jax.model.quant import ExpertWeight
+
+IMPLS = ("naive", "cpu_kernel", "words_tiled", "pallas")
+
+
+def choose_impl(w: ExpertWeight, num_pairs: int) -> str:
+    """The formulation for weight ``w`` on the target platform; the one backend choice.
+
+    ``num_pairs`` (T * K) is accepted for formulations that switch with the work size."""
+    del num_pairs
+    platform = target_platform()
+    if w.layout == "int4" and platform == "tpu":
+        return "pallas"
+    if w.layout == "words":
+        if platform == "cpu" and int4_cpu.supports(w.group_size):
+            return "cpu_kernel"
+        return "words_tiled"
+    return "naive"
+
+
+def routed_experts(
+    x_TD: jax.Array,
+    expert_ids_TK: jax.Array,
+    weights_TK: jax.Array,
+    gate_EMD: ExpertWeight,
+    up_EMD: ExpertWeight,
+    down_EDM: ExpertWeight,
+    *,
+    expert_offset: int | jax.Array = 0,
+    impl: str | None = None,
+) -> jax.Array:
+    """Sum over k of weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = expert_ids[t, k].
+
+    The weights hold experts [expert_offset, expert_offset + E) (all of them unless expert
+    parallelism passes a shard); choices outside that range contribute zero. Only the chosen
+    experts' weights are read. Returns [T, D] in x's dtype; accumulates in float32. ``impl``
+    overrides ``choose_impl`` (see the module docstring).
+    """
+    num_tokens, k = expert_ids_TK.shape
+    impl = impl or choose_impl(gate_EMD, num_tokens * k)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in ("pallas", "words_tiled", "cpu_kernel"):
+        # The kernels and the tile loops index a layer stack in place; the other forms take the
+        # layer's slice, which XLA fuses into their gathers.
+        gate_EMD, up_EMD, down_EDM = (w.unstacked() for w in (gate_EMD, up_EMD, down_EDM))
+    num_local = gate_EMD.num_experts
+    local_TK = expert_ids_TK - expert_offset
+    mine_TK = (local_TK >= 0) & (local_TK < num_local)
+    weights_TK = jnp.where(mine_TK, weights_TK, 0.0).astype(jnp.float32)
+    with jax.named_scope(f"routed_experts_{impl}"):
+        if impl == "pallas":
+            y_TD = _pallas(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+        elif impl == "cpu_kernel":
+            y_TD = _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+        elif impl == "words_tiled":
+            y_TD = _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+        else:
+            local_TK = jnp.where(mine_TK, local_TK, 0)
+            y_TD = _naive(x_TD, local_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+    return y_TD.astype(x_TD.dtype)
+
+
+def _swiglu(g, u):
+    return jax.nn.silu(g) * u
+
+
+# --- naive: gather, dequantize, einsum -----------------------------------------------------------
+
+
+def _dense(w: ExpertWeight, ids, dtype) -> jax.Array:
+    return w.take(ids).dequantize(jnp.float32).astype(dtype)
+
+
+def _naive(x_TD, ids_TK, weights_TK, gate, up, down):
+    dt = x_TD.dtype
+    f32 = jnp.float32
+    g = jnp.einsum("TD,TKMD->TKM", x_TD, _dense(gate, ids_TK, dt), preferred_element_type=f32)
+    u = jnp.einsum("TD,TKMD->TKM", x_TD, _dense(up, ids_TK, dt), preferred_element_type=f32)
+    h_TKM = _swiglu(g, u).astype(dt)
+    y_TKD = jnp.einsum("TKM,TKDM->TKD", h_TKM, _dense(down, ids_TK, dt), preferred_element_type=f32)
+    return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
+
+
+# --- CPU: the fused INT4 kernel (k2jax/kernels/csrc/int4_matvec.cc)
+# -------------------------------------
+
+
+def _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate, up, down):
+    """Three kernel calls; each reads only the chosen experts, packed, once per call."""
+    _require_layout("cpu_kernel", "words", gate, up, down)
+    t, k = local_TK.shape
+    ids_P = jnp.where(mine_TK, local_TK, -1).reshape(-1)  # -1: another shard's expert
+    g_PM = _cpu_project(x_TD, ids_P, gate)  # a token's k pairs share its row of x
+    u_PM = _cpu_project(x_TD, ids_P, up)
+    h_PM = _swiglu(g_PM, u_PM).astype(x_TD.dtype)
+    y_PD = _cpu_project(h_PM, ids_P, down)
+    return jnp.einsum("TKD,TK->TD", y_PD.reshape(t, k, -1), weights_TK)
+
+
+def _cpu_project(x_RI, ids_P, w) -> jax.Array:
+    return int4_cpu.project(x_RI, ids_P, w.packed, w.scale, w.group_size, layer=w.layer)
+
+
+def _require_layout(impl: str, layout: str, *weights: ExpertWeight) -> None:
+    if any(w.layout != layout for w in weights):
+        got = sorted({w.layout for w in weights})
+        raise TypeError(f"{impl} needs {layout!r}-layout experts, got {got}")
+
+
+def _sort_pairs(local_TK, mine_TK, num_local):
+    """Pairs sorted by local expert (others last), their order and per-expert counts."""
+    key_P = jnp.where(mine_TK, local_TK, num_local).reshape(-1)
+    order_P = jnp.argsort(key_P, stable=True)
+    sizes_E = jnp.bincount(key_P, length=num_local + 1)[:num_local].astype(jnp.int32)
+    return order_P, sizes_E
+
+
+# --- TPU: Pallas grouped kernel ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """(token, choice) pairs sorted by local expert into row tiles of one expert each.
+
+    Each expert's rows are padded to a multiple of ``tm``, so ``rows`` is bounded by
+    P + min(E, P) * (tm - 1): the work follows the pairs, not the expert count.
+    """
+
+    tm: int
+    rows: int
+    order_P: jax.Array  # pair order, sorted by expert
+    row_sorted: jax.Array  # row of each sorted pair (``rows`` for other shards' pairs: dropped)
+    tile_expert: jax.Array  # int32 [rows // tm], the local expert of each tile
+    num_tiles: jax.Array  # int32 scalar, tiles holding real rows
+
+
+def _tile_pairs(local_TK, mine_TK, num_local: int, tm: int) -> _Tiles:
+    num_pairs = local_TK.size
+    order_P, sizes_E = _sort_pairs(local_TK, mine_TK, num_local)
+    padded_E = (sizes_E + tm - 1) // tm * tm
+    end_E = jnp.cumsum(padded_E)
+    start_E = end_E - padded_E
+    # At most min(E, P) groups are non-empty, each padded by fewer than tm rows.
+    rows = -(-(num_pairs + min(num_local, num_pairs) * (tm - 1)) // tm) * tm
+    key_sorted = jnp.where(mine_TK, local_TK, num_local).reshape(-1)[order_P]
+    valid = key_sorted < num_local
+    e_sorted = jnp.minimum(key_sorted, num_local - 1)
+    first_E = jnp.cumsum(sizes_E) - sizes_E
+    rank = jnp.arange(num_pairs) - first_E[e_sorted]
+    row_sorted = jnp.where(valid, start_E[e_sorted] + rank, rows)
+    tile_start = jnp.arange(rows // tm) * tm
+    tile_expert = jnp.searchsorted(end_E, tile_start, side="right")
+    # Tiles past the last real one reuse its expert, so no new weight block is fetched.
+    last = jnp.searchsorted(end_E, jnp.maximum(end_E[-1] - 1, 0), side="right")
+    tile_expert = jnp.minimum(tile_expert, last).astype(jnp.int32)
+    num_tiles = (end_E[-1] // tm).astype(jnp.int32)
+    return _Tiles(tm, rows, order_P, row_sorted, tile_expert, num_tiles)
+
+
+def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project):
+    """Scatter pairs into tiles, SwiGLU through ``project(x_RI, w, tiles)``, gather back."""
+    t, k = local_TK.shape
+    tiles = _tile_pairs(local_TK, mine_TK, gate.num_experts, tm)
+    x_RD = jnp.zeros((tiles.rows, x_TD.shape[1]), x_TD.dtype)
+    x_RD = x_RD.at[tiles.row_sorted].set(x_TD[tiles.order_P // k], mode="drop")
+    h_RM = _swiglu(project(x_RD, gate, tiles), project(x_RD, up, tiles))
+    y_RD = project(h_RM.astype(x_TD.dtype), down, tiles)
+    y_sorted = jnp.take(y_RD, tiles.row_sorted, axis=0, mode="fill", fill_value=0)
+    y_PD = jnp.zeros_like(y_sorted).at[tiles.order_P].set(y_sorted)
+    return jnp.einsum("TKD,TK->TD", y_PD.reshape(t, k, -1), weights_TK)
+
+
+def _pallas(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, *, interpret=None):
+    _require_layout("pallas", "int4", gate, up, down)
+    # Decode: 8-row tiles (the sublane minimum); prefill: 128-row tiles to feed the MXU.
+    tm = 8 if local_TK.size <= 64 else 128
+
+    def project(x_RI, w, tiles):
+        groups, size = w.values.shape[-3:-1]
+        x_GRS = jnp.swapaxes(x_RI.astype(jnp.bfloat16).reshape(-1, groups, size), 0, 1)
+        return int4_pallas.grouped_int4_matmul(
+            x_GRS,
+            tiles.tile_expert,
+            tiles.num_tiles.reshape(1),
+            w.values,  # a layer stack when w.layer is set: indexed in the kernel, not copied
+            w.scale,
+            tm=tm,
+            interpret=interpret,
+            layer=w.layer,
+        )
+
+    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
+
+
+# --- CPU prefill: tiles of one expert, each expert widened once per tile -------------------------
+
+
+def cpu_tile_rows(num_pairs: int) -> int:
+    """Rows per tile on the CPU. Widening an expert dominates at decode, so one-row tiles waste
+    nothing there; from a few tokens on, 8-row tiles amortize each widened expert over more
+    rows at little padding (measured in docs/int4.md: 64-row tiles were 2-3x slower)."""
+    return 1 if num_pairs <= 16 else 8
+
+
+def _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down):
+    """Sequential loop over row tiles: widen the tile's expert to float32, one plain dot.
+
+    Only the experts that tokens chose are widened, one at a time (a transient [O, I] float32
+    copy); the resident weights stay packed. Tiles past the real ones are skipped.
+    """
+
+    def project(x_RI, w, tiles):
+        tm = tiles.tm
+        x_NTI = x_RI.astype(jnp.float32).reshape(-1, tm, x_RI.shape[-1])
+        out = w.shape[-2]
+
+        def tile(i):
+            def compute():
+                w_OI = w.expert(tiles.tile_expert[i])
+                return jnp.einsum("RI,OI->RO", x_NTI[i], w_OI)
+
+            return jax.lax.cond(
+                i < tiles.num_tiles, compute, lambda: jnp.zeros((tm, out), jnp.float32)
+            )
+
+        y_NTO = jax.lax.map(tile, jnp.arange(x_NTI.shape[0]))
+        return y_NTO.reshape(-1, out)
+
+    tm = cpu_tile_rows(local_TK.size)
+    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
+
+
+__all__ = ["IMPLS", "choose_impl", "cpu_tile_rows", "routed_experts"]
