@@ -1,7 +1,9 @@
 """``python -m convert HF_DIR OUT_DIR`` (installed as ``k2jax-convert``): HF K2 -> k2jax checkpoint.
 
 Exit status: 0 done, 1 the output could not be written as asked, 2 the source checkpoint is
-bad (nothing was written), 130 interrupted (``OUT_DIR.partial`` is left for ``--resume``).
+bad (nothing was written) or the command line is, 130 interrupted (``OUT_DIR.partial`` is left
+for ``--resume``). Every error is one ``error:`` line on stderr (``--debug`` shows the
+traceback).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import os
 import sys
 
+from k2jax import cli_errors
 from k2jax.kernels.platform import default_to_cpu_without_accelerators
 
 # Converting needs no accelerator; see k2jax/kernels/platform.py.
@@ -17,8 +20,8 @@ default_to_cpu_without_accelerators()
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="k2jax-convert",
+    p = cli_errors.ArgumentParser(
+        prog=cli_errors.prog_name("k2jax-convert", "python -m convert"),
         description="Convert a Kimi K2 Thinking HF checkpoint (INT4 compressed-tensors) into a "
         "k2jax checkpoint that k2jax.load restores straight onto a mesh.",
     )
@@ -36,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="re-read the source and compare every array"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    cli_errors.add_debug_argument(p)
     return p
 
 
@@ -43,34 +47,42 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # The converter only moves bytes; it must not grab an accelerator on a TPU VM.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from convert.checkpoint_format import FormatError
     from convert.converter import ConvertError, convert
     from convert.hf_reader import CheckpointError
     from k2jax.model.config import ConfigError
 
-    try:
-        convert(
-            args.hf_dir,
-            args.out_dir,
-            dtype=args.dtype,
-            resume=args.resume,
-            force=args.force,
-            verify=args.verify,
-            quiet=args.quiet,
-        )
-    except (CheckpointError, ConfigError) as e:
-        print(f"k2jax-convert: bad source checkpoint: {e}", file=sys.stderr)
-        return 2
-    except ConvertError as e:
-        print(f"k2jax-convert: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            f"\nk2jax-convert: interrupted; {os.path.abspath(args.out_dir)}.partial is kept, "
-            "rerun with --resume to continue",
-            file=sys.stderr,
-        )
-        return 130
-    return 0
+    class BadSource(ValueError):
+        pass
+
+    def body() -> int:
+        try:
+            convert(
+                args.hf_dir,
+                args.out_dir,
+                dtype=args.dtype,
+                resume=args.resume,
+                force=args.force,
+                verify=args.verify,
+                quiet=args.quiet,
+            )
+        except (CheckpointError, ConfigError) as e:
+            raise BadSource(f"bad source checkpoint {args.hf_dir}: {e}") from e
+        return 0
+
+    partial = f"{os.path.abspath(args.out_dir)}.partial"
+    return cli_errors.run(
+        body,
+        debug=args.debug,
+        exit_codes={
+            BadSource: 2,
+            ConvertError: 1,
+            FormatError: 1,
+            OSError: 1,
+        },
+        interrupted=f"[k2jax-convert] interrupted; {partial} is kept: rerun with --resume to "
+        "continue",
+    )
 
 
 if __name__ == "__main__":

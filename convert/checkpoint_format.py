@@ -35,6 +35,7 @@ chunk missing on disk always means a write that never happened (post-write check
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -42,6 +43,18 @@ from typing import Any
 
 import jax
 import numpy as np
+
+
+class _ExpectedOrbaxNotice(logging.Filter):
+    """Drops orbax's "Skipping merge of OCDBT checkpoints" warning: ``create_params`` saves
+    with ``use_ocdbt=False`` (plain zarr3 arrays the converter then fills), so there is never an
+    OCDBT checkpoint to merge, yet orbax warns so on every conversion."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_ExpectedOrbaxNotice())
 
 FORMAT = "k2jax-checkpoint"
 VERSION = 2  # 2: w_k_up / w_v_up head-major [N, H|U, C] (1 had [C, N, H|U])

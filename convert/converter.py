@@ -46,6 +46,9 @@ from k2jax import model as k2model
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 STATE = "state.json"
+# The converter's mark on OUT_DIR.partial, written before anything else: only a folder carrying
+# it is ever resumed or removed.
+PARTIAL_MARKER = ".k2jax-convert-partial"
 PROGRESS = "progress.jsonl"
 HEAD = "head"
 # Test hook: SIGKILL this process once N units have been committed in this run, right after
@@ -270,6 +273,32 @@ def _append_progress(partial: str, unit: str, crcs: dict[str, int]) -> None:
         os.fsync(f.fileno())
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both resolved, symlinks followed)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _check_output_location(out: str, partial: str, source: str) -> None:
+    """Refuse outputs that overlap the source: replacing them would delete the checkpoint."""
+    for target in (out, partial):
+        if _inside(source, target):
+            what = "is" if os.path.realpath(source) == os.path.realpath(target) else "contains"
+            raise ConvertError(
+                f"{target} {what} the source checkpoint {source}: choose an output directory "
+                "outside it (the converter never writes over its source)"
+            )
+        if _inside(target, source):
+            raise ConvertError(
+                f"{target} lies inside the source checkpoint {source}: choose an output "
+                "directory outside it (the converter never writes into its source)"
+            )
+
+
+def _owned_partial(partial: str) -> bool:
+    return os.path.isfile(os.path.join(partial, PARTIAL_MARKER))
+
+
 def _prepare_output(
     out: str,
     partial: str,
@@ -280,16 +309,34 @@ def _prepare_output(
     abstract: dict,
     say,
 ) -> dict:
-    """Decide between a fresh start and a resume; return the array info for the manifest."""
-    if os.path.exists(out) and not force:
-        what = (
-            "a finished k2jax checkpoint"
-            if fmt.is_converted_checkpoint(out)
-            else "not a k2jax checkpoint"
-        )
-        raise ConvertError(f"{out} already exists ({what}); pass --force to replace it")
+    """Decide between a fresh start and a resume; return the array info for the manifest.
+
+    Nothing the converter did not write is ever removed: ``--force`` replaces only a finished
+    k2jax checkpoint or an empty directory at ``out``, and only a partial output carrying the
+    converter's marker is resumed or restarted.
+    """
+    _check_output_location(out, partial, ckpt.path)
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise ConvertError(f"{out} exists and is not a directory: choose another OUT_DIR")
+        if fmt.is_converted_checkpoint(out):
+            if not force:
+                raise ConvertError(
+                    f"{out} already exists (a finished k2jax checkpoint); pass --force to "
+                    "replace it"
+                )
+        elif os.listdir(out):
+            raise ConvertError(
+                f"{out} already exists and is not a k2jax checkpoint (no {fmt.MANIFEST}): the "
+                "converter replaces only its own output; move it away or choose another OUT_DIR"
+            )
     state_path = os.path.join(partial, STATE)
-    if os.path.isdir(partial):
+    if os.path.lexists(partial):
+        if not _owned_partial(partial):
+            raise ConvertError(
+                f"{partial} exists but was not written by k2jax-convert (no {PARTIAL_MARKER}): "
+                "move it away or choose another OUT_DIR; nothing was changed"
+            )
         if resume and os.path.isfile(state_path):
             with open(state_path, encoding="utf-8") as f:
                 state = json.load(f)
@@ -306,8 +353,10 @@ def _prepare_output(
                 f"{partial} holds an interrupted conversion: pass --resume to continue it or "
                 "--force to start over"
             )
-        shutil.rmtree(partial)  # --force, or set-up itself was interrupted (cheap to redo)
+        shutil.rmtree(partial)  # ours: --force, or set-up itself was interrupted (cheap to redo)
     os.makedirs(partial)
+    # Written first: whatever else is interrupted, this folder is known to be ours.
+    fmt.write_json_atomic(os.path.join(partial, PARTIAL_MARKER), {"written_by": "k2jax-convert"})
     for name in fmt.SIDE_FILES:
         src = os.path.join(ckpt.path, name)
         if os.path.isfile(src):
@@ -409,13 +458,14 @@ def convert(
     manifest = _manifest(cfg, info, done, fp, dtype)
     # The resume bookkeeping goes before the manifest: a finished checkpoint carries only the
     # manifest, whose crc32s already hold what progress.jsonl recorded.
-    for name in (PROGRESS, STATE):
+    for name in (PROGRESS, STATE, PARTIAL_MARKER):
         if os.path.exists(os.path.join(partial, name)):
             os.remove(os.path.join(partial, name))
     fmt.write_json_atomic(os.path.join(partial, fmt.MANIFEST), manifest)
-    if os.path.exists(out):  # only reachable with --force
-        old = out + ".old"
-        shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out):  # --force over a finished k2jax checkpoint, or an empty directory
+        old = f"{out}.old-{os.getpid()}"  # a fresh name: nothing of the user's is removed
+        if os.path.lexists(old):
+            raise ConvertError(f"{old} exists: move it away and rerun with --resume")
         os.replace(out, old)
         os.replace(partial, out)
         shutil.rmtree(old)

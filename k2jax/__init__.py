@@ -25,8 +25,14 @@ G     quantization groups (of 32 inputs)
 ====  =========================================  ==========
 """
 
-from k2jax.load import load
-from k2jax.model.config import Config, ConfigError
-from k2jax.serving.loaded_model import Model
+# Before anything starts JAX: on a host with no TPU or GPU, run on the CPU directly instead of
+# letting libtpu (installed for ahead-of-time TPU compilation) probe for chips and print errors.
+from k2jax.kernels.platform import default_to_cpu_without_accelerators
+
+default_to_cpu_without_accelerators()
+
+from k2jax.load import load  # noqa: E402
+from k2jax.model.config import Config, ConfigError  # noqa: E402
+from k2jax.serving.loaded_model import Model  # noqa: E402
 
 __all__ = ["Config", "ConfigError", "Model", "load"]

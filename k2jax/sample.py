@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import os
 import sys
@@ -24,18 +25,18 @@ default_to_cpu_without_accelerators()  # before JAX starts: see k2jax/kernels/pl
 
 import jax  # noqa: E402
 
-from k2jax import default_model  # noqa: E402
+from k2jax import cli_errors, default_model  # noqa: E402
+from k2jax.chat.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from k2jax.cli_errors import UsageError, prog_name  # noqa: E402
 from k2jax.kernels import cpu_library  # noqa: E402
+from k2jax.model.config import Config  # noqa: E402
 from k2jax.serving.options import GenerateOptions  # noqa: E402
 from sharding import distributed  # noqa: E402
 
 DEFAULT_PROMPT = "The capital of France is"
 BYTE_LABEL = "utf-8 bytes (the default model has no tokenizer)"
 
-try:  # the chat mode is its own module; the CLI works without it
-    from k2jax.chat import cli as chat_cli
-except ImportError:  # pragma: no cover
-    chat_cli = None
+from k2jax.chat import cli as chat_cli  # noqa: E402
 
 
 def _ids(text: str) -> list[int]:
@@ -48,9 +49,11 @@ def _ids(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m k2jax.sample",
+    p = cli_errors.ArgumentParser(
+        prog=prog_name("k2jax-sample", "python -m k2jax.sample"),
         description="Generate text with k2jax (Kimi K2 Thinking in JAX).",
+        epilog=f"Compiled programs are cached in {compile_cache_dir()} "
+        "($JAX_COMPILATION_CACHE_DIR moves it; --no-compile-cache turns it off).",
     )
     p.add_argument(
         "--checkpoint",
@@ -87,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--logprobs", action="store_true", help="report the chosen tokens' logprobs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    if chat_cli is not None:
-        chat_cli.add_chat_arguments(p)
+    chat_cli.add_chat_arguments(p)
     p.add_argument(
         "--mesh",
         default=None,
@@ -96,20 +98,138 @@ def build_parser() -> argparse.ArgumentParser:
         help="run sharded over a device mesh (sizes must multiply to the device count)",
     )
     distributed.add_arguments(p)
+    p.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not keep compiled programs on disk (see below for where they go)",
+    )
+    cli_errors.add_debug_argument(p)
     return p
 
 
-def _on_mesh(model, mesh_text: str | None):
-    """``model`` placed by the decode rules on the ``--mesh`` (unchanged without one)."""
-    if mesh_text is None:
-        return model
-    from k2jax.serving.loaded_model import Model
-    from sharding import rules
-    from sharding.mesh import make_mesh, parse_mesh
+@dataclasses.dataclass
+class _Checked:
+    """Everything settled before the weights load: a mistake found here costs no load time."""
 
-    mesh = make_mesh(**parse_mesh(mesh_text))
-    params = rules.shard_params(model.params, model.config, mesh)
-    return Model(model.config, params, model.dtype, mesh, rules=rules.flax_rules("decode"))
+    config: Config
+    tokenizer: Tokenizer | None
+    byte_level: bool  # the default model: text is UTF-8 bytes
+    prompt_ids: list[int] | None  # None for --chat (rendered by the chat mode)
+    tools: list[dict] | None
+    mesh_sizes: dict[str, int] | None
+
+
+def _check_checkpoint_dir(path: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"--checkpoint {path}: no such directory")
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"--checkpoint {path} is a file; pass the checkpoint's directory (the one holding "
+            "config.json and the weights)"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(
+            f"--checkpoint {path} is not a checkpoint directory (no config.json); pass an HF K2 "
+            "checkpoint or the output of python -m convert"
+        )
+
+
+def _check_before_loading(args) -> _Checked:
+    """Paths, config, tokenizer, tools, prompt and mesh, checked without touching the weights."""
+    if args.checkpoint is None:
+        config, tok, byte_level = default_model.default_config(), None, True
+    else:
+        _check_checkpoint_dir(args.checkpoint)
+        config = Config.from_hf(os.path.join(args.checkpoint, "config.json"))
+        try:
+            tok = load_tokenizer(args.checkpoint)
+        except FileNotFoundError:
+            tok = None
+        byte_level = False
+        if tok is not None and tok.used_ids_end > config.vocab_size:
+            raise UsageError(
+                f"--checkpoint {args.checkpoint}: its tokenizer produces ids up to "
+                f"{tok.used_ids_end - 1} but the model's vocabulary has {config.vocab_size} "
+                "(vocab_size in config.json); the tokenizer does not belong to this model"
+            )
+    chat = getattr(args, "chat", None)
+    tools = chat_cli.load_tool_declarations(args.tools) if getattr(args, "tools", None) else None
+    if chat is not None:
+        if tok is None:
+            where = "the default model" if args.checkpoint is None else args.checkpoint
+            raise UsageError(
+                f"--chat needs a tokenizer (tiktoken.model or tokenizer.model) and {where} has none"
+            )
+        ids = chat_cli.chat_prompt_ids(tok, chat, args.system, tools)
+    elif args.prompt_ids is not None:
+        ids = args.prompt_ids
+    else:
+        text = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        if tok is not None:
+            ids = tok.encode(text)
+        elif byte_level:
+            ids = default_model.encode_bytes(text)
+        else:
+            raise UsageError(
+                f"{args.checkpoint} has no tokenizer (tiktoken.model or tokenizer.model), so "
+                "text (--prompt, or the default prompt) cannot be encoded: pass "
+                "--prompt-ids 1,2,3 instead"
+            )
+    if not ids:
+        raise UsageError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < config.vocab_size]
+    if bad:
+        raise UsageError(
+            f"--prompt-ids: token id {bad[0]} is outside the model's vocabulary "
+            f"[0, {config.vocab_size})"
+        )
+    context = config.max_position_embeddings
+    if len(ids) > context:
+        raise UsageError(
+            f"the prompt is {len(ids)} tokens, longer than the model's context ({context} "
+            "positions, max_position_embeddings)"
+        )
+    if len(ids) + args.max_new_tokens > context:
+        raise UsageError(
+            f"--max-new-tokens {args.max_new_tokens}: the prompt ({len(ids)} tokens) plus "
+            f"{args.max_new_tokens} new tokens exceeds the model's context ({context}); lower "
+            f"--max-new-tokens to at most {context - len(ids)}"
+        )
+    sizes = None
+    if args.mesh is not None:
+        from sharding.rules import check_mesh
+
+        sizes = check_mesh(config, args.mesh, jax.device_count())
+    return _Checked(config, tok, byte_level, None if chat is not None else ids, tools, sizes)
+
+
+def _load_model(args, checked: _Checked):
+    """(model, description) with the weights loaded (and placed on the --mesh)."""
+    if args.checkpoint is None:
+        dtype = "float32" if args.dtype == "auto" else args.dtype
+        model = default_model.default_model(dtype=dtype)
+        desc = default_model.DESCRIPTION.format(seed=default_model.DEFAULT_SEED)
+    else:
+        import k2jax
+
+        model = k2jax.load(args.checkpoint, dtype=args.dtype)
+        c = model.config
+        desc = (
+            f"checkpoint {os.path.abspath(args.checkpoint)}: {c.num_layers} layers, hidden "
+            f"{c.hidden_size}, {c.n_routed_experts} experts (top-{c.num_experts_per_tok}), "
+            f"vocab {c.vocab_size}, {model.dtype}; "
+            + ("tokenizer found" if checked.tokenizer else "no tokenizer (token ids only)")
+        )
+    if checked.mesh_sizes is not None:
+        from k2jax.serving.loaded_model import Model
+        from sharding import rules
+        from sharding.mesh import make_mesh
+
+        mesh = make_mesh(**checked.mesh_sizes)
+        params = rules.shard_params(model.params, model.config, mesh)
+        model = Model(model.config, params, model.dtype, mesh, rules=rules.flax_rules("decode"))
+        desc += f"; sharded over mesh {args.mesh}"
+    return model, desc + _cpu_kernels_note()
 
 
 def _cpu_kernels_note() -> str:
@@ -121,49 +241,25 @@ def _cpu_kernels_note() -> str:
     return f" CPU kernels: {cpu_library.best_isa()}."
 
 
-def _load(args):
-    """(model, tokenizer or None, description, byte-level fallback?)."""
-    if args.checkpoint is None:
-        dtype = "float32" if args.dtype == "auto" else args.dtype
-        model = default_model.default_model(dtype=dtype)
-        return model, None, default_model.DESCRIPTION.format(seed=default_model.DEFAULT_SEED), True
-    import k2jax
-    from k2jax.chat import tokenizer as k2tok
-
-    dtype = args.dtype
-    try:
-        tok = k2tok.load_tokenizer(args.checkpoint)
-    except FileNotFoundError:
-        tok = None
-    if tok is None and (args.prompt_ids is None or getattr(args, "chat", None) is not None):
-        # Refused before loading the weights, which can take long.
-        raise SystemExit(
-            f"error: {args.checkpoint} has no tokenizer (tiktoken.model or tokenizer.model), so "
-            "text (--prompt, --chat, the default prompt) cannot be encoded: pass "
-            "--prompt-ids 1,2,3 instead"
-        )
-    model = k2jax.load(args.checkpoint, dtype=dtype)
-    c = model.config
-    desc = (
-        f"checkpoint {os.path.abspath(args.checkpoint)}: {c.num_layers} layers, hidden "
-        f"{c.hidden_size}, {c.n_routed_experts} experts (top-{c.num_experts_per_tok}), "
-        f"vocab {c.vocab_size}, {model.dtype}; "
-        + ("tokenizer found" if tok else "no tokenizer (token ids only)")
-    )
-    return model, tok, desc, False
-
-
 def _printable(text: str) -> str:
     """Escapes control characters: a random model's bytes must not drive the terminal."""
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
+def compile_cache_dir() -> str:
+    """Where the CLI keeps compiled programs: $JAX_COMPILATION_CACHE_DIR, else
+    ~/.cache/k2jax/jax (XDG_CACHE_HOME respected)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "k2jax", "jax")
+
+
 def _enable_compilation_cache() -> None:
     """Keeps compiled programs on disk, so a second run skips most of its start-up."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    if jax.config.jax_compilation_cache_dir:
         return
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "k2jax", "jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_compilation_cache_dir", compile_cache_dir())
 
 
 class _TextStream:
@@ -191,71 +287,60 @@ class _TextStream:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:  # refused here, before any model is built
-        options = GenerateOptions.of(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            presence_penalty=args.presence_penalty,
-            seed=args.seed,
-            stop_token_ids=args.stop_ids,
-            page_size=args.page_size,
-            num_pages=args.num_pages,
-            prefill_chunk=args.prefill_chunk,
-        )
-    except ValueError as e:
-        parser.error(str(e))
-    if args.max_new_tokens < 0:
-        parser.error("--max-new-tokens must be >= 0")
+    return cli_errors.run(
+        lambda: _sample(parser, args),
+        debug=args.debug,
+        interrupted="[k2jax] interrupted: generation stopped",
+    )
 
+
+def _sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if getattr(args, "chat", None) is not None and (
+        args.prompt is not None or args.prompt_ids is not None
+    ):
+        parser.error("--chat takes the prompt itself; drop --prompt / --prompt-ids")
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # Sampling and engine values are refused here, before any model is built.
+    options = GenerateOptions.of(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        seed=args.seed,
+        stop_token_ids=args.stop_ids,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        prefill_chunk=args.prefill_chunk,
+    )
     distributed.initialize_from_args(args)  # a no-op for a single-process run
+    checked = _check_before_loading(args)
     if not distributed.is_main_process():  # every host runs the same program; one prints
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
-    _enable_compilation_cache()
-    model, tok, desc, byte_level = _load(args)
-    model = _on_mesh(model, args.mesh)
-    if args.mesh:
-        desc += f"; sharded over mesh {args.mesh}"
-    desc += _cpu_kernels_note()
+    if not args.no_compile_cache:
+        _enable_compilation_cache()
+    model, desc = _load_model(args, checked)
     print(f"[k2jax] {desc}", file=sys.stderr, flush=True)
+    tok, byte_level = checked.tokenizer, checked.byte_level
 
-    chat_prompt = getattr(args, "chat", None)
-    if chat_prompt is not None:
-        if tok is None:
-            parser.error(
-                "--chat needs a checkpoint with a tokenizer (tiktoken.model or tokenizer.model); "
-                "the default model and this checkpoint have none"
-            )
+    if getattr(args, "chat", None) is not None:
         chat_cli.run_chat(
             model,
             tok,
-            prompt=chat_prompt,
+            prompt=args.chat,
             system=args.system,
-            tools_json_path=args.tools,
+            tools=checked.tools,
             max_new_tokens=args.max_new_tokens,
             options=options,
         )
         return 0
 
-    if args.prompt_ids is not None:
-        prompt_ids = args.prompt_ids
-    else:
+    prompt_ids = checked.prompt_ids
+    if byte_level and args.prompt_ids is None:
         text = DEFAULT_PROMPT if args.prompt is None else args.prompt
-        if tok is not None:
-            prompt_ids = tok.encode(text)
-        elif byte_level:
-            prompt_ids = default_model.encode_bytes(text)
-            print(f"[k2jax] prompt {text!r} encoded as UTF-8 bytes", file=sys.stderr)
-        else:
-            parser.error(
-                f"{args.checkpoint} has no tokenizer (tiktoken.model or tokenizer.model), so "
-                "--prompt cannot be encoded: pass --prompt-ids 1,2,3 instead"
-            )
-    if not prompt_ids:
-        parser.error("the prompt is empty")
-
+        print(f"[k2jax] prompt {text!r} encoded as UTF-8 bytes", file=sys.stderr)
     stream = model.generate_stream(
         [prompt_ids],
         args.max_new_tokens,

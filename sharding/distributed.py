@@ -46,7 +46,10 @@ def initialize(
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
     explicit = (coordinator, num_processes, process_id)
-    on_tpu_vm = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_NAME"))
+    # libtpu writes "WARNING: could not determine ..." into TPU_WORKER_HOSTNAMES on a host it
+    # finds no TPU on, and child processes inherit it: that is no TPU VM.
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    on_tpu_vm = bool((hosts and not hosts.startswith("WARNING")) or os.environ.get("TPU_NAME"))
     if all(v is None for v in explicit):
         if not on_tpu_vm:
             return False

@@ -24,12 +24,14 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+from k2jax import cli_errors
 from k2jax import model as k2model
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
@@ -44,9 +46,7 @@ def _devices(topology: topologies.Slice | None, count: int):
     """(devices, description): the TPU slice's when libtpu can describe it, else fake CPUs."""
     if topology is not None:
         try:
-            from jax.experimental import topologies as jtop
-
-            desc = jtop.get_topology_desc(topology_name=topology.topology, platform="tpu")
+            desc = topologies.topology_desc(topology.topology)
             return list(desc.devices), f"XLA:TPU ({topology.topology}, libtpu, ahead of time)"
         except Exception as err:  # libtpu absent or the name unknown to it
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
@@ -355,7 +355,7 @@ def format_table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli_errors.ArgumentParser(
         prog="python -m sharding.plan", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--config", required=True, help="HF config.json (or its directory)")
@@ -366,7 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--strategy", default="decode", choices=sorted(rules.STRATEGIES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    cli_errors.add_debug_argument(parser)
     args = parser.parse_args(argv)
+    return cli_errors.run(lambda: _plan_cli(parser, args), debug=args.debug)
+
+
+def _plan_cli(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     sizes = parse_mesh(args.mesh) if args.mesh else None
     if sizes is not None:
         count = math.prod(sizes.values())
@@ -379,20 +384,18 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_num_cpu_devices", max(count, 1))
     except RuntimeError:
         pass
+    if not os.path.exists(args.config):
+        raise cli_errors.UsageError(f"--config {args.config}: no such file or directory")
     cfg = Config.from_hf(args.config)
-    try:
-        result = plan(
-            cfg,
-            sizes,
-            batch=args.batch,
-            context=args.context,
-            page_size=args.page_size,
-            topology=args.topology,
-            strategy=args.strategy,
-        )
-    except (rules.ShardingError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = plan(
+        cfg,
+        sizes,
+        batch=args.batch,
+        context=args.context,
+        page_size=args.page_size,
+        topology=args.topology,
+        strategy=args.strategy,
+    )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 

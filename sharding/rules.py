@@ -240,3 +240,27 @@ def param_bytes_per_device(
 def logical_rules_context(strategy: str):
     """A context manager that makes the model's activation hints follow ``strategy``."""
     return nn.logical_axis_rules(flax_rules(strategy))
+
+
+def check_mesh(cfg: Config, mesh: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """The ``--mesh`` sizes, checked without devices or weights: a ``ValueError`` naming the flag
+    when they do not multiply to ``num_devices`` or do not divide the model's dimensions."""
+    from sharding.mesh import AXES, parse_mesh
+
+    text = mesh if isinstance(mesh, str) else ",".join(f"{k}={v}" for k, v in mesh.items())
+    sizes = parse_mesh(mesh) if isinstance(mesh, str) else {**dict.fromkeys(AXES, 1), **mesh}
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"--mesh {text}: axis {name} must be >= 1, got {size}")
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ValueError(
+            f"--mesh {text} spans {total} devices but {num_devices} are available: the axis "
+            "sizes must multiply to the device count"
+        )
+    abstract = jax.sharding.AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
+    try:
+        param_specs(cfg, abstract)
+    except ShardingError as e:
+        raise ShardingError(f"--mesh {text} does not divide the model: {e}") from None
+    return sizes

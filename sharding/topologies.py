@@ -87,3 +87,55 @@ def resolve(name: str) -> Slice:
     raise ValueError(
         f"unknown topology {name!r}: use e.g. v5e-16, v5p-64, v6e-64, tpu7x-8 or v5p:4x4x2"
     )
+
+
+def topology_desc(topology: str):
+    """``jax.experimental.topologies.get_topology_desc`` for TPU ``topology``, ahead of time.
+
+    On a host with no TPU, libtpu (loaded on first use) prints five lines of errors while it
+    looks for the local chips (accelerator type, worker hostnames) unless told what it runs on;
+    saying "this one host, the named slice type" keeps it quiet and changes nothing about the
+    program compiled for ``topology``. A real TPU VM's own settings are left alone.
+    """
+    import glob
+    import os
+
+    from jax.experimental import topologies as jtop
+
+    from k2jax.kernels.platform import ACCELERATOR_DEVICE_FILES
+
+    if any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+        return jtop.get_topology_desc(topology_name=topology, platform="tpu")
+    defaults = {
+        "TPU_SKIP_MDS_QUERY": "1",
+        "TPU_ACCELERATOR_TYPE": _accelerator_type(topology),
+        "TPU_WORKER_HOSTNAMES": "localhost",
+    }
+    saved = {name: os.environ.get(name) for name in defaults}
+    for name, value in defaults.items():
+        # libtpu writes "WARNING: could not determine ..." into these when it found nothing,
+        # and child processes inherit that: treat it as unset.
+        if not saved[name] or saved[name].startswith("WARNING"):
+            os.environ[name] = value
+    try:
+        return jtop.get_topology_desc(topology_name=topology, platform="tpu")
+    finally:
+        # libtpu read them when it loaded; left set they would tell this process's children
+        # (a multi-host launcher, for one) that they run on a TPU VM.
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _accelerator_type(topology: str) -> str:
+    """``"v5p:4x4x2"`` -> ``"v5p-64"`` (the Cloud TPU accelerator-type string libtpu expects)."""
+    chip_name, _, dims = topology.partition(":")
+    chip = CHIPS.get(chip_name)
+    if chip is None or not dims:
+        return topology
+    chips = 1
+    for d in dims.split("x"):
+        chips *= int(d)
+    return f"{chip_name}-{chips * chip.cores_per_chip_in_name}"

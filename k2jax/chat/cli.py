@@ -42,14 +42,37 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_tool_declarations(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads a JSON list of tool declarations (or `{"tools": [...]}`); bare function dicts
-    are wrapped as `{"type": "function", "function": ...}`."""
-    with open(path, encoding="utf-8") as file:
-        tools = json.load(file)
+    are wrapped as `{"type": "function", "function": ...}`. A missing or malformed file is a
+    `ValueError` naming it (`--tools PATH: ...`)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            tools = json.load(file)
+    except OSError as e:
+        raise ValueError(f"--tools {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"--tools {path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
     if isinstance(tools, dict):
         tools = tools.get("tools", [tools])
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(
+            f"--tools {path}: expected a JSON list of tool declarations (objects), got "
+            f"{type(tools).__name__}"
+        )
     return [
         tool if "function" in tool else {"type": "function", "function": tool} for tool in tools
     ]
+
+
+def chat_prompt_ids(
+    tokenizer: Tokenizer, prompt: str, system: str | None, tools: list[dict[str, Any]] | None
+) -> list[int]:
+    """The token ids of one user turn (after `system`, with `tools` declared), ready for the
+    assistant's reply."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    return render(messages, tools or None, tokenizer=tokenizer)
 
 
 def run_chat(
@@ -59,16 +82,16 @@ def run_chat(
     prompt: str,
     system: str | None = None,
     tools_json_path: str | os.PathLike | None = None,
+    tools: list[dict[str, Any]] | None = None,
     max_new_tokens: int,
     options: GenerateOptions | None = None,
     stream: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Renders one user turn, streams the model's reply to `stream`, returns the parsed turn
     (`{reasoning_content, content, tool_calls}`)."""
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": prompt})
-    tools = load_tool_declarations(tools_json_path) if tools_json_path else None
-    prompt_ids = render(messages, tools, tokenizer=tokenizer)
+    if tools is None and tools_json_path:
+        tools = load_tool_declarations(tools_json_path)
+    prompt_ids = chat_prompt_ids(tokenizer, prompt, system, tools)
     stop_token_ids = [tokenizer.encode_special("<|im_end|>")]
     if tokenizer.eos_id is not None:
         stop_token_ids.append(tokenizer.eos_id)

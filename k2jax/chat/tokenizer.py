@@ -102,6 +102,19 @@ class Tokenizer(abc.ABC):
                 f"no special token {name!r} in this tokenizer; it has {', '.join(named)}"
             ) from None
 
+    @property
+    def used_ids_end(self) -> int:
+        """One past the largest id this tokenizer ever produces: text tokens and the named
+        specials. Reserved, unnamed special ids (K2 reserves some past its 163,840-row
+        embedding) are never produced, so a model needs only this many vocabulary rows."""
+        named = [i for n, i in self.special_ids.items() if not n.startswith("<|reserved_token_")]
+        return max(self.num_text_ids, 1 + max(named, default=-1))
+
+    @property
+    def num_text_ids(self) -> int:
+        """Ids that encode text (the BPE ranks, or every sentencepiece piece)."""
+        return self.vocab_size
+
     def is_special(self, token_id: int) -> bool:
         """Whether `token_id` is a special (control) id rather than text."""
         return token_id in self._special_names
@@ -191,8 +204,13 @@ class TiktokenTokenizer(Tokenizer):
         )
         self._bytes_by_id = {rank: token for token, rank in mergeable_ranks.items()}
         self.vocab_size = num_base + num_reserved_special_tokens
+        self._num_base = num_base
         self.bos_id = special_ids.get(bos_name)
         self.eos_id = special_ids.get(eos_name)
+
+    @property
+    def num_text_ids(self) -> int:
+        return self._num_base
 
     def encode(self, text: str) -> list[int]:
         """Token ids for `text`; special-token strings inside it are encoded as plain text."""

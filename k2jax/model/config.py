@@ -128,7 +128,14 @@ class Config:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
+                try:
+                    raw = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(
+                        f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+                    ) from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return _from_dict(raw)
 
     def to_hf(self) -> dict[str, Any]:
