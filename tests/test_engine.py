@@ -305,3 +305,38 @@ def test_sampled_tokens_depend_only_on_the_request_seed(model):
     assert mixed[1] == mixed[3]  # same request, same seed, different slots
     other_seed = dataclasses.replace(a, sampling=dataclasses.replace(a.sampling, seed=6))
     assert run([other_seed], 1)[0] != alone
+
+
+@pytest.mark.parametrize(
+    "prompts, culprit",
+    [([[1.5, 2.9]], "1.5"), ([[True, False]], "True"), ([["1", "2"]], "'1'"), ("12", "list")],
+)
+def test_non_integer_token_ids_are_refused_at_call_time(model, prompts, culprit):
+    """Floats, bools and strings are not token ids: refused when generate / generate_stream /
+    logits is called (not silently truncated, not at the first iteration)."""
+    with pytest.raises(ValueError, match="token ids must be integers|token-id lists") as err:
+        model.generate(prompts, 2)
+    assert culprit in str(err.value)
+    with pytest.raises(ValueError):
+        model.generate_stream(prompts, 2)  # no iteration needed
+    if not isinstance(prompts, str):
+        with pytest.raises(ValueError):
+            model.logits(prompts)
+
+
+def test_options_are_checked_at_call_time_and_name_what_is_wrong(model):
+    with pytest.raises(ValueError, match=r"seed = 4294967296.*\[0, 2\*\*32\)"):
+        model.generate_stream([[1, 2]], 2, seed=2**32)
+    with pytest.raises(TypeError, match="unknown generation option.*temprature"):
+        model.generate([[1, 2]], 2, temprature=0.5)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        model.generate_stream([[1, 2]], model.config.max_position_embeddings)
+
+
+def test_the_largest_seed_with_several_prompts_wraps_per_prompt(model):
+    """Prompt i draws with (seed + i) mod 2**32: the last valid seed works for a batch, and
+    its second prompt draws as seed 0 does for a first prompt."""
+    opts = dict(temperature=1.0, stop_token_ids=[])
+    a = model.generate([[1, 2, 3], [4, 5, 6]], 4, seed=2**32 - 1, **opts)
+    b = model.generate([[4, 5, 6]], 4, seed=0, **opts)
+    assert a[1] == b[0]
