@@ -51,6 +51,11 @@ def arguments_text(arguments: Any) -> str:
     return json.dumps(arguments, ensure_ascii=False)
 
 
+def _as_text(value: Any) -> str:
+    # What jinja's `{{ value }}` writes: strings as they are, anything else through str().
+    return value if isinstance(value, str) else str(value)
+
+
 def content_text(message: Message) -> str:
     """A message's content as text: a string, or the text parts of a list of content parts."""
     content = message.get("content")
@@ -62,27 +67,59 @@ def content_text(message: Message) -> str:
     for part in content:
         if isinstance(part, str):
             parts.append(part)
+        elif part.get("type") == "image" or "image" in part or "image_url" in part:
+            raise ValueError("image content parts are not supported (K2 Thinking reads text)")
         elif part.get("type", "text") == "text":
-            parts.append(part.get("text", ""))
+            parts.append(_as_text(part["text"]) if "text" in part else "")
         else:
             raise ValueError(f"content part of type {part.get('type')!r} is not supported")
     return "".join(parts)
 
 
-def _open_turn(message: Message) -> list[str]:
-    role = message["role"]
+# Names an assistant's reasoning arrives under; transformers' `apply_chat_template` copies the
+# first that is not None into `reasoning_content`, which the template reads.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def reasoning_text(message: Message) -> str:
+    """An assistant message's reasoning, from the first of `REASONING_FIELDS` that is set."""
+    for field in REASONING_FIELDS:
+        if message.get(field) is not None:
+            return _as_text(message[field])
+    return ""
+
+
+def _where(index: int, message: Message) -> str:
+    return f"messages[{index}] (role {message.get('role')})"
+
+
+def _open_turn(message: Message, where: str) -> list[str]:
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"{where}: no 'role' (a message needs role user, assistant, tool, ...)")
     marker = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}.get(role, "<|im_system|>")
-    return [Special(marker), message.get("name") or role, Special("<|im_middle|>")]
+    return [Special(marker), _as_text(message.get("name") or role), Special("<|im_middle|>")]
 
 
-def _tool_call_section(tool_calls: Sequence[Mapping[str, Any]]) -> list[str]:
+def _tool_call_section(tool_calls: Sequence[Mapping[str, Any]], where: str) -> list[str]:
     segments: list[str] = [Special("<|tool_calls_section_begin|>")]
-    for call in tool_calls:
+    for number, call in enumerate(tool_calls):
+        call_where = f"{where}: tool_calls[{number}]"
+        if not isinstance(call, Mapping):
+            raise ValueError(f"{call_where} is a {type(call).__name__}, not a dict")
+        if call.get("id") is None:
+            # The template would write an empty id, which no tool result can refer to.
+            raise ValueError(
+                f"{call_where} has no 'id' (e.g. 'functions.NAME:0'; tool results name it)"
+            )
+        function = call.get("function")
+        if not isinstance(function, Mapping) or "arguments" not in function:
+            raise ValueError(f"{call_where} has no 'function' with 'arguments'")
         segments += [
             Special("<|tool_call_begin|>"),
-            call["id"],
+            _as_text(call["id"]),
             Special("<|tool_call_argument_begin|>"),
-            arguments_text(call["function"]["arguments"]),
+            arguments_text(function["arguments"]),
             Special("<|tool_call_end|>"),
         ]
     segments.append(Special("<|tool_calls_section_end|>"))
@@ -92,7 +129,12 @@ def _tool_call_section(tool_calls: Sequence[Mapping[str, Any]]) -> list[str]:
 def _last_answer_index(messages: Sequence[Message]) -> int:
     """Index of the last assistant turn without tool calls (-1 if none)."""
     for index in range(len(messages) - 1, -1, -1):
-        if messages[index]["role"] == "assistant" and not messages[index].get("tool_calls"):
+        message = messages[index]
+        if (
+            isinstance(message, Mapping)
+            and message.get("role") == "assistant"
+            and not message.get("tool_calls")
+        ):
             return index
     return -1
 
@@ -104,24 +146,35 @@ def _preamble_segments(
     if tools:
         segments += [Special("<|im_system|>"), "tool_declare", Special("<|im_middle|>")]
         segments += [tools_declaration_json(tools), Special("<|im_end|>")]
-    if not messages or messages[0]["role"] != "system":
+    if not messages or not isinstance(messages[0], Mapping) or messages[0].get("role") != "system":
         segments += [Special("<|im_system|>"), "system", Special("<|im_middle|>")]
         segments += [DEFAULT_SYSTEM_PROMPT, Special("<|im_end|>")]
     return segments
 
 
-def _message_segments(message: Message, keep_reasoning: bool) -> list[str]:
-    segments = _open_turn(message)
+def _message_segments(message: Message, keep_reasoning: bool, index: int) -> list[str]:
+    """Segments of `messages[index]`; a malformed message is a ValueError naming it."""
+    if not isinstance(message, Mapping):
+        raise ValueError(f"messages[{index}] is a {type(message).__name__}, not a message dict")
+    where = _where(index, message)
+    segments = _open_turn(message, where)
     role = message["role"]
+    try:
+        content = content_text(message)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{where}: bad 'content': {error}") from None
     if role == "assistant":
-        reasoning = (message.get("reasoning_content") or "") if keep_reasoning else ""
-        segments += [Special("<think>"), reasoning, Special("</think>"), content_text(message)]
+        reasoning = reasoning_text(message) if keep_reasoning else ""
+        segments += [Special("<think>"), reasoning, Special("</think>"), content]
         if message.get("tool_calls"):
-            segments += _tool_call_section(message["tool_calls"])
+            segments += _tool_call_section(message["tool_calls"], where)
     elif role == "tool":
-        segments.append(f"## Return of {message['tool_call_id']}\n{content_text(message)}")
+        if message.get("tool_call_id") is None:
+            # The template would write "## Return of " and no id: the result matches no call.
+            raise ValueError(f"{where}: no 'tool_call_id' (the 'id' of the call it answers)")
+        segments.append(f"## Return of {_as_text(message['tool_call_id'])}\n{content}")
     else:
-        segments.append(content_text(message))
+        segments.append(content)
     segments.append(Special("<|im_end|>"))
     return segments
 
@@ -140,7 +193,7 @@ def render_segments(
     # trained with it removed there and kept in the tool-call chain after it.
     last_answer = _last_answer_index(messages)
     for index, message in enumerate(messages):
-        segments += _message_segments(message, keep_reasoning=index > last_answer)
+        segments += _message_segments(message, keep_reasoning=index > last_answer, index=index)
     if add_generation_prompt:
         segments += _GENERATION_PROMPT_SEGMENTS
     return segments
@@ -148,6 +201,9 @@ def render_segments(
 
 def _segments_to_ids(segments: Sequence[str], tokenizer: Tokenizer) -> list[int]:
     # Adjacent text segments are joined before encoding, as the reference tokenizer sees them.
+    # Each run of text between two specials is one `encode` call (which cuts very long runs as
+    # Moonshot's `encode()` does), as in transformers' `tokenizer(prompt)` and
+    # `apply_chat_template(..., tokenize=True)`, which split the prompt at special tokens first.
     ids: list[int] = []
     pending_text: list[str] = []
     for segment in segments:
@@ -214,17 +270,35 @@ class IncrementalRenderer:
             self._messages = []
             self._last_answer = last_answer
         for index in range(len(self._messages), len(messages)):
-            segments = _message_segments(messages[index], keep_reasoning=index > last_answer)
+            segments = _message_segments(
+                messages[index], keep_reasoning=index > last_answer, index=index
+            )
             self._ids += _segments_to_ids(segments, self._tokenizer)
             self._messages.append(messages[index])
         return self._ids + self._generation_prompt if add_generation_prompt else list(self._ids)
 
 
-def _tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators=None,
+    sort_keys: bool = False,
+) -> str:
     # transformers' `tojson`: no HTML escaping, non-ASCII kept, accepts `separators`.
     return json.dumps(
-        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
+
+
+def _as_apply_chat_template_passes(message: Message) -> dict[str, Any]:
+    # transformers' apply_chat_template drops keys whose value is None, then copies the first
+    # reasoning field that is set into `reasoning_content` (and `thinking`).
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[f] for f in REASONING_FIELDS if message.get(f) is not None), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
 
 
 def render_with_template(
@@ -235,7 +309,9 @@ def render_with_template(
 ) -> str:
     """Renders with a checkpoint's `chat_template.jinja`, in a sandbox, as transformers does.
 
-    Tools are key-sorted first, as K2's tokenizer code does before calling the template.
+    Tools are key-sorted first, as K2's tokenizer code does before calling the template; messages
+    are passed as transformers' `apply_chat_template` passes them (None-valued keys dropped,
+    `thinking` / `reasoning` copied into `reasoning_content`).
     """
     import jinja2.sandbox
 
@@ -247,5 +323,7 @@ def render_with_template(
         template = environment.from_string(file.read())
     sorted_tools = json.loads(json.dumps(list(tools), sort_keys=True)) if tools else None
     return template.render(
-        messages=list(messages), tools=sorted_tools, add_generation_prompt=add_generation_prompt
+        messages=[_as_apply_chat_template_passes(message) for message in messages],
+        tools=sorted_tools,
+        add_generation_prompt=add_generation_prompt,
     )

@@ -8,6 +8,9 @@ lacks), and 256 reserved special ids right after the last rank. Their names come
 `encode(text)` never produces a special id, whatever the text contains: the reference tokenizer
 turns `<|im_end|>` inside user text into the control token, which lets text forge a turn
 boundary. Special ids come only from `encode_special(name)` (used by the chat renderer).
+
+Long text is cut before BPE exactly as Moonshot's `encode()` cuts it (`moonshot_slices`), so
+very long runs of letters or spaces give the reference's ids, not those of one unsplit call.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import base64
 import codecs
 import json
 import os
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import sentencepiece
@@ -41,6 +45,35 @@ K2_PRETOKENIZE_PATTERN = "|".join(
 )
 
 K2_NUM_RESERVED_SPECIAL_TOKENS = 256
+
+# Moonshot's `encode()` (tokenization_kimi.py) cuts text before BPE: into pieces of at most
+# TIKTOKEN_MAX_ENCODE_CHARS characters, and each piece wherever a run of consecutive whitespace
+# or consecutive non-whitespace characters (`str.isspace`) grows past MAX_CONSECUTIVE_CHARS.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_CONSECUTIVE_CHARS = 25_000
+# A run longer than the limit, matched only from its first character (the lookbehinds), so the
+# scan is linear. Python's `\s` is exactly `str.isspace()`.
+_LONG_RUN = re.compile(
+    rf"(?<!\s)\s{{{MAX_CONSECUTIVE_CHARS + 1},}}|(?<!\S)\S{{{MAX_CONSECUTIVE_CHARS + 1},}}"
+)
+
+
+def moonshot_slices(text: str) -> Iterator[str]:
+    """The slices Moonshot's `encode()` tokenizes separately, in order; they join to `text`.
+
+    Pieces of `TIKTOKEN_MAX_ENCODE_CHARS` characters; inside each piece a run of whitespace or of
+    non-whitespace (counted from the piece's start) is cut before its character number
+    `MAX_CONSECUTIVE_CHARS + 1`, `2 * MAX_CONSECUTIVE_CHARS + 1`, ... Nothing else is cut.
+    """
+    for piece_start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+        piece = text[piece_start : piece_start + TIKTOKEN_MAX_ENCODE_CHARS]
+        slice_start = 0
+        for run in _LONG_RUN.finditer(piece):
+            for cut in range(run.start() + MAX_CONSECUTIVE_CHARS, run.end(), MAX_CONSECUTIVE_CHARS):
+                yield piece[slice_start:cut]
+                slice_start = cut
+        yield piece[slice_start:]
+
 
 # Names of K2's special ids, by offset from the first special id (163584 in the real vocabulary).
 # Used only when a checkpoint directory has no tokenizer_config.json to read them from.
@@ -213,8 +246,17 @@ class TiktokenTokenizer(Tokenizer):
         return self._num_base
 
     def encode(self, text: str) -> list[int]:
-        """Token ids for `text`; special-token strings inside it are encoded as plain text."""
-        return self._encoding.encode_ordinary(text)
+        """Token ids for `text`; special-token strings inside it are encoded as plain text.
+
+        Cut into `moonshot_slices` first, as the reference's `encode()` does; each slice is then
+        encoded with `encode_ordinary`, never recognising special-token strings.
+        """
+        if len(text) <= MAX_CONSECUTIVE_CHARS:  # nothing to cut
+            return self._encoding.encode_ordinary(text)
+        ids: list[int] = []
+        for piece in moonshot_slices(text):
+            ids += self._encoding.encode_ordinary(piece)
+        return ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes of one non-special token."""
