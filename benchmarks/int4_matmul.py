@@ -104,10 +104,20 @@ def _tpu_formulations(o, i, b):
                 q,
                 s,
                 tm=8,
+                interpret=False,  # compiled for the TPU device (no mesh says so here)
             )[:b],
             [x, ((1, g, GS, o), i4), ((1, g, o), bf)],
         ),
     }
+
+
+def _counted_kernel_bytes(o: int, i: int, b: int) -> int:
+    """HBM bytes the Pallas kernel copies for b rows of one expert: the block copies its own
+    index maps issue over its grid (``int4_pallas.count_copies``), 8-row tiles."""
+    tiles = -(-b // 8)
+    plan = int4_pallas.tiling((i // GS, tiles * 8, GS), (1, i // GS, GS, o), tm=8)
+    copies = int4_pallas.count_copies(plan, np.zeros(tiles, np.int32), tiles)
+    return sum(n * nbytes for n, nbytes in zip(copies, plan.block_bytes, strict=True))
 
 
 def tpu_table(topologies):
@@ -137,8 +147,15 @@ def tpu_table(topologies):
                         continue
                     accessed = c.cost_analysis()["bytes accessed"]
                     if "+kernel" in form:
-                        # Analytic: each 8-row tile streams the expert's tiles once.
-                        accessed += -(-b // 8) * int4_bytes
+                        # Counted: the block copies the kernel's index maps issue over its grid.
+                        tiles = -(-b // 8)
+                        plan = int4_pallas.tiling(
+                            (i // GS, tiles * 8, GS), (1, i // GS, GS, o), tm=8
+                        )
+                        copies = int4_pallas.count_copies(plan, np.zeros(tiles, np.int32), tiles)
+                        accessed += sum(
+                            n * nb for n, nb in zip(copies, plan.block_bytes, strict=True)
+                        )
                     rows.append(
                         dict(
                             topology=topo,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from k2jax import model as k2model
 from k2jax.model.config import Config, int4_quantization_config
+from k2jax.model.quant import expert_layout_for
 from k2jax.serving.loaded_model import Model
 
 DESCRIPTION = (
@@ -81,6 +82,8 @@ def default_model(seed: int = DEFAULT_SEED, dtype=jnp.float32) -> Model:
     init = jax.jit(lambda k: k2model.init_params(cfg, k, dtype)).lower(jax.random.key(seed))
     # Initialization runs once: XLA's optimizing passes cost ~30 s here and save nothing.
     params = init.compile(FAST_COMPILE)(jax.random.key(seed))
+    # The experts in the layout the target runs (int4 under K2JAX_TARGET=tpu, else words).
+    params = k2model.to_expert_layout(params, expert_layout_for())
     return Model(cfg, params, dtype)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from k2jax import model as k2model
+from k2jax.kernels.platform import target_override
 from k2jax.model.config import Config
 from k2jax.model.quant import Int4Weight, QuantizedWeight, expert_layout_for
 from k2jax.serving.loaded_model import Model
@@ -86,6 +87,11 @@ def _shardings(cfg: Config, mesh, dtype, expert_layout: str = "words") -> dict:
 
 
 def _platform(mesh) -> str:
+    """What the model will run as: the chosen target (``K2JAX_TARGET``) if any, else the
+    mesh's devices, else JAX's backend."""
+    override = target_override()
+    if override is not None:
+        return override
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 

@@ -291,3 +291,27 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+def greedy_batch(ref: ReferenceModel, prompts: list[list[int]], new: int):
+    """transformers' greedy generate over a left-padded batch (no early stop): the new ids of
+    every prompt and the raw log-softmax of every step's logits [B, new, V]."""
+    width = max(len(p) for p in prompts)
+    pad = ref.raw["pad_token_id"]
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    tm = ref.torch_model
+    tm.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = tm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=0,
+            do_sample=False,
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    logits = torch.stack(out.logits, 1).float()  # [B, new, V] raw logits
+    return out.sequences[:, width:].tolist(), torch.log_softmax(logits, -1).numpy()

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
-import torch
 
 import k2jax
 from k2jax import model as k2model
@@ -47,25 +46,7 @@ def model(ref, tmp_path_factory):
 
 def hf_greedy(ref, prompts, new=NEW):
     """transformers' greedy generate over a left-padded batch (no early stop)."""
-    width = max(len(p) for p in prompts)
-    pad = ref.raw["pad_token_id"]
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    tm = ref.torch_model
-    tm.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = tm.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            min_new_tokens=0,
-            do_sample=False,
-            pad_token_id=pad,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    logits = torch.stack(out.logits, 1).float()  # [B, new, V] raw logits
-    return out.sequences[:, width:].tolist(), torch.log_softmax(logits, -1).numpy()
+    return reference.greedy_batch(ref, prompts, new)
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,14 @@ def test_full_k2_plan_compiles_for_tpu(topology, mesh, expert_ways):
     assert _have_libtpu(), "libtpu is part of the test extra; the TPU compiler must be used"
     r = _run_plan("--topology", topology, "--mesh", mesh, "--batch", "1", "--context", "8192")
     assert r["compiler"].startswith("XLA:TPU"), r["compiler"]
+    # The kernels' copies are counted for a stated routing, on the busiest shard per layer:
+    # at batch 1 the 8 choices land on at most 8 shards, so the busiest copies at least one
+    # expert's INT4 payload per layer (24.8 MB) and at most 8; the mean is far below it.
+    per_expert, layers = 3 * (2048 * 7168 // 2 + 2048 * 7168 // 32 * 2), 60
+    assert per_expert * layers <= r["kernel_bytes"] <= 8 * per_expert * layers * 1.1
+    assert r["kernel_bytes_mean"] < r["kernel_bytes"]
+    assert r["bytes_accessed"] == r["bytes_accessed_xla"] + r["kernel_bytes"]
+    assert "seed" in r["kernel_routing"]
     for key in ("weight_bytes", "kv_cache_bytes", "temp_bytes", "total_bytes", "hbm_bytes"):
         assert isinstance(r[key], int) and r[key] >= 0, key
     assert r["bytes_accessed"] > 0

@@ -23,6 +23,7 @@ Runs on CPU in interpret mode (tests), compiles for TPU ahead of time (tests/tes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,12 +31,123 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from k2jax.kernels.platform import interpret_params, target_override, target_platform
+
 
 def _pick(n: int, prefs: tuple[int, ...]) -> int:
     for p in prefs:
         if n % p == 0 and p <= n:
             return p
     return n
+
+
+# Blocks of one grid step, double-buffered by the pipeline, stay under this (v5e has 128 MiB of
+# VMEM, v5p and v6e more; Mosaic's default scoped limit is lower, so the kernel asks for it).
+VMEM_LIMIT_BYTES = 48 << 20
+_VMEM_BLOCK_BUDGET = 20 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """The kernel's grid and its input blocks: what the pipeline copies from HBM, and when.
+
+    ``in_specs`` are (block shape, index map) for x, the int4 values and the scales; an index
+    map takes the grid indices (j, i, k) and the three scalar-prefetch refs (tile_expert,
+    num_tiles, layer). ``block_bytes`` gives each input block's bytes. ``count_copies`` uses
+    them to count the copies a call issues.
+    """
+
+    grid: tuple[int, int, int]
+    tn: int
+    tk: int
+    in_specs: tuple
+    block_bytes: tuple[int, int, int]
+
+
+def tiling(x_shape, values_shape, *, tm: int, tn: int | None = None, tk: int | None = None):
+    """The grid and blocks for x [G, R, S] against values [(L,) E, G, S, O].
+
+    The output-column axis is outermost and the input-chunk axis innermost. At decode (8-row
+    tiles) the input is cut into 1024-wide chunks; with 128-row prefill tiles it is whole
+    when its blocks fit ``_VMEM_BLOCK_BUDGET``, so consecutive row tiles of one expert keep the
+    same weight block index and Pallas fetches each expert's weights once per output tile
+    (with chunks, every row tile re-fetched them: counted by ``count_copies``).
+    """
+    groups, rows, size = x_shape
+    out = values_shape[-1]
+    inp = groups * size
+    tn = tn or _pick(out, (512, 256, 128))
+    if tk is None:
+        tk = _pick(inp, (1024, 512, 256))
+        if tm >= 128:
+            # int4 weights + bf16 scales + activations, double-buffered
+            whole = 2 * (inp * tn // 2 + groups * tn * 2 + inp * tm * 2)
+            if whole <= _VMEM_BLOCK_BUDGET:
+                tk = inp
+    # A chunk of the input axis: whole groups, and a multiple of 8 groups for the scale block.
+    gk = tk // size
+    last_k = inp // tk - 1
+    stacked = len(values_shape) == 5
+    lead = (None,) if stacked else ()
+
+    # Past the last real tile, every block index repeats the final real step's, so Pallas
+    # issues no copy for the skipped tiles.
+    def live(i, nt):
+        return i < nt[0]
+
+    def x_map(j, i, k, te, nt, ly):
+        return (
+            jnp.where(live(i, nt), k, last_k),
+            jnp.where(live(i, nt), i, jnp.maximum(nt[0] - 1, 0)),
+            0,
+        )
+
+    # A shard with no rows at all keeps one output column block too, so it copies one block
+    # per input in the whole call instead of one per output tile (counted: 6.5 MB per K2 layer
+    # per idle device before).
+    def col(j, nt):
+        return jnp.where(nt[0] > 0, j, 0)
+
+    # A stack [L, E, ...] is indexed by the prefetched layer; one layer [E, ...] ignores it.
+    def w_map(j, i, k, te, nt, ly):
+        ki = jnp.where(live(i, nt), k, last_k)
+        return *((ly[0],) if stacked else ()), te[i], ki, 0, col(j, nt)
+
+    def s_map(j, i, k, te, nt, ly):
+        ki = jnp.where(live(i, nt), k, last_k)
+        return *((ly[0],) if stacked else ()), te[i], ki, col(j, nt)
+
+    x_block, w_block, s_block = (gk, tm, size), (*lead, None, gk, size, tn), (*lead, None, gk, tn)
+    return Tiling(
+        grid=(out // tn, rows // tm, inp // tk),
+        tn=tn,
+        tk=tk,
+        in_specs=((x_block, x_map), (w_block, w_map), (s_block, s_map)),
+        block_bytes=(gk * tm * size * 2, gk * size * tn // 2, gk * tn * 2),
+    )
+
+
+def count_copies(plan: Tiling, tile_expert, num_tiles: int, layer: int = 0) -> tuple[int, ...]:
+    """HBM->VMEM block copies one call issues per input (x, values, scales), counted.
+
+    The pipeline copies an input's block at the first grid step and whenever its block index
+    differs from the previous step's; the grid runs in row-major order (k fastest). This
+    evaluates the kernel's own index maps over the whole grid at once with the call's
+    scalar-prefetch values, so it counts what the kernel's tiling does, not what it is meant
+    to do.
+    """
+    import numpy as np
+
+    j, i, k = (g.ravel() for g in np.meshgrid(*map(np.arange, plan.grid), indexing="ij"))
+    te = jnp.asarray(tile_expert, jnp.int32)
+    nt = jnp.asarray([num_tiles], jnp.int32)
+    ly = jnp.asarray([layer], jnp.int32)
+    counts = []
+    for _, index_map in plan.in_specs:
+        parts = index_map(jnp.asarray(j), jnp.asarray(i), jnp.asarray(k), te, nt, ly)
+        index = np.stack([np.broadcast_to(np.asarray(p), j.shape) for p in parts], axis=1)
+        counts.append(1 + int(np.any(index[1:] != index[:-1], axis=1).sum()))
+    return tuple(counts)
 
 
 def _kernel(tile_expert_ref, num_tiles_ref, layer_ref, x_ref, q_ref, s_ref, o_ref, acc_ref):
@@ -50,12 +162,13 @@ def _kernel(tile_expert_ref, num_tiles_ref, layer_ref, x_ref, q_ref, s_ref, o_re
     # Tiles past the last real one hold only padding rows: skip their matmul.
     @pl.when(i < num_tiles_ref[0])
     def _():
-        # One MXU matmul per group of the bare widened int4 values (exact in bf16), scaled after
-        # in f32: a bf16 product q * scale would round (it needs up to 12 mantissa bits).
+        # One MXU matmul per group of the bare widened int4 values (exact in bf16 and f32),
+        # scaled after in f32: a bf16 product q * scale would round (it needs up to 12 mantissa
+        # bits). The activations' dtype sets the matmul's: bf16, or f32 for exact parity runs.
         acc = acc_ref[...]
         for g in range(q_ref.shape[0]):
             part = jnp.dot(
-                x_ref[g], q_ref[g].astype(jnp.bfloat16), preferred_element_type=jnp.float32
+                x_ref[g], q_ref[g].astype(x_ref.dtype), preferred_element_type=jnp.float32
             )
             acc += part * s_ref[g : g + 1, :].astype(jnp.float32)
         acc_ref[...] = acc
@@ -78,9 +191,10 @@ def grouped_int4_matmul(
     interpret: bool | None = None,
     layer: jax.Array | int | None = None,
 ) -> jax.Array:
-    """See ``_grouped_int4_matmul``; ``interpret=None`` compiles the kernel for TPU targets and
-    interprets it elsewhere, decided when lowering (so ahead-of-time TPU compilation from a CPU
-    host gets the real kernel).
+    """See ``_grouped_int4_matmul``; ``interpret=None`` compiles the kernel when the trace is
+    for TPU hardware (``_compiling_for_tpu``: a TPU backend, or ahead of time for a mesh of TPU
+    devices) and otherwise runs it in Pallas' TPU interpreter with
+    ``k2jax.kernels.platform.interpret_params`` (out-of-bounds reads raise, races detected).
 
     ``values_EGSO`` / ``scale_EGO`` are one layer's experts, or with ``layer`` given a whole
     stack ``[L, E, G, S, O]`` / ``[L, E, G, O]`` of which layer ``layer`` is used (read in place:
@@ -89,14 +203,18 @@ def grouped_int4_matmul(
         raise ValueError(f"layer={layer!r} with values of shape {values_EGSO.shape}")
     layer_1 = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     args = (x_GRS, tile_expert, num_tiles, layer_1, values_EGSO, scale_EGO)
-    kw = dict(tm=tm, tn=tn, tk=tk)
-    if interpret is not None:
-        return _grouped_int4_matmul(*args, **kw, interpret=interpret)
-    return jax.lax.platform_dependent(
-        *args,
-        tpu=functools.partial(_grouped_int4_matmul, **kw, interpret=False),
-        default=functools.partial(_grouped_int4_matmul, **kw, interpret=True),
-    )
+    if interpret is None:
+        interpret = False if _compiling_for_tpu() else interpret_params()
+    return _grouped_int4_matmul(*args, tm=tm, tn=tn, tk=tk, interpret=interpret)
+
+
+def _compiling_for_tpu() -> bool:
+    """Whether this trace becomes a real TPU program: on a TPU backend, or for TPU devices
+    (ahead-of-time from a CPU host: the context mesh's devices), unless the TPU target was
+    chosen on purpose off TPU (``K2JAX_TARGET=tpu``), which runs the interpreter."""
+    if jax.default_backend() == "tpu":
+        return True
+    return target_override() is None and target_platform() == "tpu"
 
 
 @functools.partial(jax.jit, static_argnames=("tm", "tn", "tk", "interpret"))
@@ -117,65 +235,38 @@ def _grouped_int4_matmul(
     e = tile_expert[r // tm] and l = layer_1[0] (both scalar-prefetched into the index maps);
     for one layer's values [E, G, S, O] / scales [E, G, O] the l index is dropped.
 
-    x_GRS: bf16 [G, R, S], the rows (sorted by expert, each expert's rows padded to a multiple of
-    ``tm``) with the input axis split into groups and moved first, so a group is a whole block;
+    x_GRS: bf16 or f32 [G, R, S], the rows (sorted by expert, each expert's rows padded to a
+    multiple of ``tm``) with the input axis split into groups and moved first, so a group is a
+    whole block;
     tile_expert: int32 [R / tm]; num_tiles: int32 [1], tiles from there on are skipped (their
     output is zero). Returns float32 [R, O].
     """
     groups, rows, size = x_GRS.shape
-    out = values_LEGSO.shape[-1]
-    inp = groups * size
     assert values_LEGSO.shape[-3:-1] == (groups, size) and rows % tm == 0, (
         x_GRS.shape,
         values_LEGSO.shape,
         tm,
     )
-    tn = tn or _pick(out, (512, 256, 128))
-    # A chunk of the input axis: whole groups, and a multiple of 8 groups for the scale block.
-    tk = tk or _pick(inp, (1024, 512, 256))
-    gk = tk // size
-    grid = (out // tn, rows // tm, inp // tk)
-    last_k = inp // tk - 1
-
-    # Past the last real tile, every block index repeats the final real step's, so Pallas
-    # issues no copy for the skipped tiles.
-    def live(i, nt):
-        return i < nt[0]
-
-    def x_map(j, i, k, te, nt, ly):
-        return (
-            jnp.where(live(i, nt), k, last_k),
-            jnp.where(live(i, nt), i, jnp.maximum(nt[0] - 1, 0)),
-            0,
-        )
-
-    # A stack [L, E, ...] is indexed by the prefetched layer; one layer [E, ...] ignores it.
-    stacked = values_LEGSO.ndim == 5
-    lead = (None,) if stacked else ()
-
-    def w_map(j, i, k, te, nt, ly):
-        return *((ly[0],) if stacked else ()), te[i], jnp.where(live(i, nt), k, last_k), 0, j
-
-    def s_map(j, i, k, te, nt, ly):
-        return *((ly[0],) if stacked else ()), te[i], jnp.where(live(i, nt), k, last_k), j
-
+    plan = tiling(x_GRS.shape, values_LEGSO.shape, tm=tm, tn=tn, tk=tk)
+    (x_block, x_map), (w_block, w_map), (s_block, s_map) = plan.in_specs
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
-        grid=grid,
+        grid=plan.grid,
         in_specs=[
-            pl.BlockSpec((gk, tm, size), x_map),
-            pl.BlockSpec((*lead, None, gk, size, tn), w_map),
-            pl.BlockSpec((*lead, None, gk, tn), s_map),
+            pl.BlockSpec(x_block, x_map),
+            pl.BlockSpec(w_block, w_map),
+            pl.BlockSpec(s_block, s_map),
         ],
-        out_specs=pl.BlockSpec((tm, tn), lambda j, i, k, te, nt, ly: (i, j)),
-        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+        out_specs=pl.BlockSpec((tm, plan.tn), lambda j, i, k, te, nt, ly: (i, j)),
+        scratch_shapes=[pltpu.VMEM((tm, plan.tn), jnp.float32)],
     )
     return pl.pallas_call(
         _kernel,
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((rows, out), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((rows, values_LEGSO.shape[-1]), jnp.float32),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary", "arbitrary")
+            dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+            vmem_limit_bytes=VMEM_LIMIT_BYTES,
         ),
         interpret=interpret,
     )(tile_expert, num_tiles, layer_1, x_GRS, values_LEGSO, scale_LEGO)

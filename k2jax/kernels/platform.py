@@ -10,9 +10,11 @@ chosen by the user, they start on the CPU directly. An explicit ``JAX_PLATFORMS`
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
+from collections.abc import Iterator
 
 ACCELERATOR_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
 
@@ -28,12 +30,70 @@ def default_to_cpu_without_accelerators() -> None:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
+TARGET_ENV = "K2JAX_TARGET"
+TARGETS = ("tpu", "cpu")
+_target_stack: list[str] = []
+
+
+@contextlib.contextmanager
+def target(platform: str) -> Iterator[None]:
+    """Within this block k2jax chooses exactly what it chooses on ``platform`` (expert layout,
+    kernels, attention form), whatever the backend: ``with target("tpu"):`` on a CPU runs the
+    TPU path, its Pallas kernels in TPU interpret mode (``interpret_params``). The same as
+    ``K2JAX_TARGET=tpu`` in the environment, for one block."""
+    if platform not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {platform!r}")
+    _target_stack.append(platform)
+    try:
+        yield
+    finally:
+        _target_stack.pop()
+
+
+def target_override() -> str | None:
+    """The target chosen by ``target(...)`` or ``K2JAX_TARGET``; None when neither is set."""
+    if _target_stack:
+        return _target_stack[-1]
+    chosen = os.environ.get(TARGET_ENV, "").strip().lower()
+    if not chosen:
+        return None
+    if chosen not in TARGETS:
+        raise ValueError(f"{TARGET_ENV}={chosen!r}: must be one of {TARGETS} (or unset)")
+    return chosen
+
+
+def interpret_params():
+    """How Pallas TPU kernels run off TPU: the TPU interpreter, reading out of bounds an
+    error, uninitialized memory NaN, and races between DMAs and compute detected.
+
+    One exception, measured: inside a ``shard_map`` over several fake CPU devices the TPU
+    interpreter hangs (every kernel call waits on a barrier across all devices, which the
+    devices' serialized host callbacks never reach together; seen with 2 and 8 devices, any
+    InterpretParams), so there the kernel runs in Pallas' plain interpreter (``True``), which
+    computes the same values but clamps block indices instead of raising. The out-of-bounds
+    and race checks therefore run in the single-device tests.
+    """
+    import jax
+    from jax.experimental.pallas import tpu as pltpu
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return True
+    return pltpu.InterpretParams(
+        out_of_bounds_reads="raise", detect_races=True, uninitialized_memory="nan"
+    )
+
+
 def target_platform() -> str:
-    """The platform the program being traced runs on: the context mesh's devices if a mesh is
-    set (so ahead-of-time compilation for a TPU topology from a CPU host picks TPU forms), else
-    JAX's default backend."""
+    """The platform the program being traced runs on: the target chosen by ``target(...)`` or
+    ``K2JAX_TARGET`` if any, else the context mesh's devices if a mesh is set (so
+    ahead-of-time compilation for a TPU topology from a CPU host picks TPU forms), else JAX's
+    default backend."""
     import jax  # not at the top: the CLIs import this module before JAX may start
 
+    override = target_override()
+    if override is not None:
+        return override
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         return mesh.abstract_device.platform

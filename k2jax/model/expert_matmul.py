@@ -194,8 +194,12 @@ def _tile_pairs(local_TK, mine_TK, num_local: int, tm: int) -> _Tiles:
     row_sorted = jnp.where(valid, start_E[e_sorted] + rank, rows)
     tile_start = jnp.arange(rows // tm) * tm
     tile_expert = jnp.searchsorted(end_E, tile_start, side="right")
-    # Tiles past the last real one reuse its expert, so no new weight block is fetched.
+    # Tiles past the last real one reuse its expert, so no new weight block is fetched. With no
+    # pair on this shard at all, every tile names expert 0: an index must stay inside the
+    # stack even for tiles the kernel skips, since the pipeline still fetches their blocks
+    # (num_local here was an out-of-bounds DMA on a TPU; the TPU interpreter raises on it).
     last = jnp.searchsorted(end_E, jnp.maximum(end_E[-1] - 1, 0), side="right")
+    last = jnp.minimum(last, num_local - 1)
     tile_expert = jnp.minimum(tile_expert, last).astype(jnp.int32)
     num_tiles = (end_E[-1] // tm).astype(jnp.int32)
     return _Tiles(tm, rows, order_P, row_sorted, tile_expert, num_tiles)
@@ -214,14 +218,50 @@ def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
     return jnp.einsum("TKD,TK->TD", y_PD.reshape(t, k, -1), weights_TK)
 
 
+def pallas_tile_rows(num_pairs: int) -> int:
+    """Decode: 8-row tiles (the sublane minimum); prefill: 128-row tiles to feed the MXU."""
+    return 8 if num_pairs <= 64 else 128
+
+
+def pallas_reads(
+    expert_ids_TK, *, expert_offset: int, num_local: int, hidden: int, inter: int, group_size=32
+) -> dict[str, int]:
+    """HBM bytes one device's Pallas kernels copy for one MoE layer (gate, up, down), counted:
+    ``{"activations", "values", "scales", "total"}``.
+
+    Runs the same pair sorting as ``routed_experts`` on the concrete ``expert_ids_TK`` (the
+    global expert chosen by each (token, choice)) for the shard holding experts
+    [expert_offset, expert_offset + num_local), then counts the block copies of each call's
+    pipeline with ``int4_pallas.count_copies`` (its own index maps over its grid).
+    """
+    ids = jnp.asarray(expert_ids_TK, jnp.int32)
+    local_TK = ids - expert_offset
+    mine_TK = (local_TK >= 0) & (local_TK < num_local)
+    tm = pallas_tile_rows(ids.size)
+    tiles = _tile_pairs(local_TK, mine_TK, num_local, tm)
+    sums = [0, 0, 0]
+    for inp, out in ((hidden, inter), (hidden, inter), (inter, hidden)):
+        plan = int4_pallas.tiling(
+            (inp // group_size, tiles.rows, group_size),
+            (num_local, inp // group_size, group_size, out),
+            tm=tm,
+        )
+        copies = int4_pallas.count_copies(plan, tiles.tile_expert, int(tiles.num_tiles))
+        for n, (c, b) in enumerate(zip(copies, plan.block_bytes, strict=True)):
+            sums[n] += c * b
+    return {"activations": sums[0], "values": sums[1], "scales": sums[2], "total": sum(sums)}
+
+
 def _pallas(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, *, interpret=None):
     _require_layout("pallas", "int4", gate, up, down)
-    # Decode: 8-row tiles (the sublane minimum); prefill: 128-row tiles to feed the MXU.
-    tm = 8 if local_TK.size <= 64 else 128
+    tm = pallas_tile_rows(local_TK.size)
 
     def project(x_RI, w, tiles):
         groups, size = w.values.shape[-3:-1]
-        x_GRS = jnp.swapaxes(x_RI.astype(jnp.bfloat16).reshape(-1, groups, size), 0, 1)
+        # bf16 activations feed the MXU at full rate; a float32 model keeps float32 (exact).
+        act = jnp.float32 if x_TD.dtype == jnp.float32 else jnp.bfloat16
+        x_GRS = jnp.swapaxes(x_RI.astype(act).reshape(-1, groups, size), 0, 1)
+
         return int4_pallas.grouped_int4_matmul(
             x_GRS,
             tiles.tile_expert,

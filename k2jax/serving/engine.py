@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from k2jax import model as k2model
+from k2jax.kernels.platform import target_override
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
 from k2jax.serving import sampling
@@ -84,7 +85,7 @@ def _next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(cfg: Config, dtype: jnp.dtype, scan_layers: bool, compiler_options=None):
+def _step_fn(cfg: Config, dtype: jnp.dtype, scan_layers: bool, compiler_options=None, target=None):
     """The jitted engine step for one model; jit's own cache holds one program per shape."""
 
     def step(params, pages, seen_BV, tokens_BT, positions_BT, tables_BP, last_B, emit_B, step_B, s):
@@ -102,6 +103,7 @@ def _step_fn(cfg: Config, dtype: jnp.dtype, scan_layers: bool, compiler_options=
         seen_BV = seen_BV.at[rows_B, tokens_B].set(new_B)
         return pages, seen_BV, tokens_B, logprobs_B
 
+    del target  # a cache key only: the trace reads it through target_platform()
     options = dict(compiler_options) if compiler_options else None
     return jax.jit(step, donate_argnums=(1, 2), compiler_options=options)
 
@@ -131,7 +133,12 @@ class Engine:
         self._device = devices.pop() if len(devices) == 1 else None
         # On one CPU device the layers run unrolled over per-layer views of the stacks, so no
         # step copies weights out of a stack (see k2jax.model.unstack_layers).
-        on_one_cpu = mesh is None and self._device is not None and self._device.platform == "cpu"
+        on_one_cpu = (
+            mesh is None
+            and self._device is not None
+            and self._device.platform == "cpu"
+            and target_override() in (None, "cpu")
+        )
         self.params = k2model.unstack_layers(params) if on_one_cpu else params
         self.dtype = jnp.dtype(dtype)
         self.engine_cfg = engine_cfg or EngineConfig()
@@ -142,7 +149,8 @@ class Engine:
         else:
             self.cache_dtype = jnp.dtype(jnp.bfloat16)
         options = self.engine_cfg.compiler_options
-        self._step = _step_fn(cfg, self.dtype, scan_layers, options)
+        # The target is part of the key: a step traced for the CPU must not serve a TPU target.
+        self._step = _step_fn(cfg, self.dtype, scan_layers, options, target_override())
         # A model placed on a mesh runs its steps under that mesh and its logical-axis rules,
         # as Model.logits does, so the model's sharding hints take effect.
         self.mesh, self.rules = mesh, tuple(rules or ())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -13,6 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from k2jax import model as k2model
+from k2jax.kernels.platform import target_override
 from k2jax.model.config import Config
 from k2jax.model.quant import LAYOUTS, PROJECTIONS, layout_of
 from k2jax.serving import engine
@@ -55,6 +55,7 @@ class Model:
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         self.rules = tuple(rules or ())
+        self._logits_fns: dict = {}
 
     def _on_mesh(self, fn):
         """``fn`` traced and run with this model's mesh and rules as the context."""
@@ -75,8 +76,16 @@ class Model:
         sharding = NamedSharding(self.mesh, PartitionSpec())
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
-    @functools.cached_property
+    @property
     def _logits_fn(self):
+        """The jitted forward for the current target (one per target: a program traced for
+        the CPU must not serve ``K2JAX_TARGET=tpu``)."""
+        target = target_override()
+        if target not in self._logits_fns:
+            self._logits_fns[target] = self._build_logits_fn()
+        return self._logits_fns[target]
+
+    def _build_logits_fn(self):
         cfg, dtype = self.config, self.dtype
 
         def run(params, tokens_BT):
