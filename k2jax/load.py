@@ -169,7 +169,15 @@ def load(
             "model.safetensors or converted k2jax checkpoint)"
         )
     cfg, host_params = read_hf_params(path, dtype)
-    params = jax.device_put(host_params, _shardings(cfg, mesh, dtype))
+    # Each device gets its own shard of every host array (every process holds the same host
+    # copy, so this works across processes too).
+    params = jax.tree.map(
+        lambda host, sharding: jax.make_array_from_callback(
+            host.shape, sharding, lambda index: host[index]
+        ),
+        host_params,
+        _shardings(cfg, mesh, dtype),
+    )
     return _model(cfg, _to_runtime_layout(cfg, params, mesh, dtype, layout), dtype, mesh)
 
 

@@ -204,15 +204,27 @@ def _check_before_loading(args) -> _Checked:
 
 
 def _load_model(args, checked: _Checked):
-    """(model, description) with the weights loaded (and placed on the --mesh)."""
+    """(model, description) with the weights loaded, straight onto the --mesh if one is given
+    (each array restored or placed into its own sharding; no whole copy on one device)."""
+    mesh = None
+    if checked.mesh_sizes is not None:
+        from sharding.mesh import make_mesh
+
+        mesh = make_mesh(**checked.mesh_sizes)
     if args.checkpoint is None:
         dtype = "float32" if args.dtype == "auto" else args.dtype
         model = default_model.default_model(dtype=dtype)
         desc = default_model.DESCRIPTION.format(seed=default_model.DEFAULT_SEED)
+        if mesh is not None:
+            from k2jax.serving.loaded_model import Model
+            from sharding import rules
+
+            params = rules.shard_params(model.params, model.config, mesh)
+            model = Model(model.config, params, model.dtype, mesh, rules.flax_rules("decode"))
     else:
         import k2jax
 
-        model = k2jax.load(args.checkpoint, dtype=args.dtype)
+        model = k2jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
         c = model.config
         desc = (
             f"checkpoint {os.path.abspath(args.checkpoint)}: {c.num_layers} layers, hidden "
@@ -220,14 +232,7 @@ def _load_model(args, checked: _Checked):
             f"vocab {c.vocab_size}, {model.dtype}; "
             + ("tokenizer found" if checked.tokenizer else "no tokenizer (token ids only)")
         )
-    if checked.mesh_sizes is not None:
-        from k2jax.serving.loaded_model import Model
-        from sharding import rules
-        from sharding.mesh import make_mesh
-
-        mesh = make_mesh(**checked.mesh_sizes)
-        params = rules.shard_params(model.params, model.config, mesh)
-        model = Model(model.config, params, model.dtype, mesh, rules=rules.flax_rules("decode"))
+    if mesh is not None:
         desc += f"; sharded over mesh {args.mesh}"
     return model, desc + _cpu_kernels_note()
 
@@ -318,7 +323,7 @@ def _sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     distributed.initialize_from_args(args)  # a no-op for a single-process run
     checked = _check_before_loading(args)
     if not distributed.is_main_process():  # every host runs the same program; one prints
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (errors still reach stderr)
     if not args.no_compile_cache:
         _enable_compilation_cache()
     model, desc = _load_model(args, checked)

@@ -67,6 +67,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k2jax import model as k2model
 from k2jax.model.config import Config
+from k2jax.model.quant import layout_of
 
 Rules = Mapping[str, tuple[str, ...]]
 
@@ -207,7 +208,10 @@ def shard_params(params: dict, cfg: Config, mesh: Mesh, strategy: str = "decode"
     test or a small model gets placed; a full K2 is restored shard by shard by ``k2jax.load``.
     """
     leaf = jax.tree.leaves(params)[0]
-    shardings = param_shardings(cfg, mesh, jnp.asarray(leaf).dtype, strategy)
+    experts = params.get("moe_layers", {}).get("moe", {}).get("experts")
+    # The placement follows the params actually given: int4 or words expert layout.
+    layout = "words" if experts is None else layout_of(experts)
+    shardings = param_shardings(cfg, mesh, jnp.asarray(leaf).dtype, strategy, layout)
     if jax.process_count() == 1:
         return jax.device_put(params, shardings)
 

@@ -133,3 +133,54 @@ def _worker(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+def test_sample_cli_on_two_processes_matches_one(tmp_path):
+    """The README's multi-host launch, as two localhost processes: ``python -m k2jax.sample
+    --checkpoint DIR --mesh expert=8 --coordinator ... --num-processes 2 --process-id I`` (4 fake
+    CPU devices each). Each process loads the checkpoint straight onto the global mesh, the
+    engine feeds replicated inputs and reads replicated tokens; both exit 0, and process 0
+    prints the greedy ids one process gives."""
+    import reference
+
+    ckpt = reference.write_checkpoint(reference.build(seed=3), tmp_path / "ckpt")
+    args = ["--checkpoint", ckpt, "--prompt-ids", "1,2,3", "--max-new-tokens", "6"]
+    args += ["--temperature", "0", "--json", "--no-compile-cache"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "TPU_"))}
+    env["JAX_PLATFORMS"] = "cpu"
+    single = subprocess.run(
+        [sys.executable, "-m", "k2jax.sample", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    want = json.loads(single.stdout.strip().splitlines()[-1])["new_ids"]
+
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    multi = [*args, "--mesh", "expert=8", "--coordinator", coordinator, "--num-processes", "2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "k2jax.sample", *multi, "--process-id", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, (i, err[-2000:])
+    printed = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert "sharded over mesh expert=8" in printed["model"]
+    assert printed["new_ids"] == want and len(want) == 6
+    assert '"new_ids"' not in outs[1][0]  # only process 0 prints results

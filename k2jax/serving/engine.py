@@ -85,7 +85,14 @@ def _next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(cfg: Config, dtype: jnp.dtype, scan_layers: bool, compiler_options=None, target=None):
+def _step_fn(
+    cfg: Config,
+    dtype: jnp.dtype,
+    scan_layers: bool,
+    compiler_options=None,
+    target=None,
+    mesh=None,
+):
     """The jitted engine step for one model; jit's own cache holds one program per shape."""
 
     def step(params, pages, seen_BV, tokens_BT, positions_BT, tables_BP, last_B, emit_B, step_B, s):
@@ -105,7 +112,14 @@ def _step_fn(cfg: Config, dtype: jnp.dtype, scan_layers: bool, compiler_options=
 
     del target  # a cache key only: the trace reads it through target_platform()
     options = dict(compiler_options) if compiler_options else None
-    return jax.jit(step, donate_argnums=(1, 2), compiler_options=options)
+    # On a mesh every output has a declared placement: replicated, so each process (multi-host
+    # included) reads the sampled tokens from its own copy, once per step.
+    out = None if mesh is None else _replicated_sharding(mesh)
+    return jax.jit(step, donate_argnums=(1, 2), compiler_options=options, out_shardings=out)
+
+
+def _replicated_sharding(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -150,11 +164,24 @@ class Engine:
             self.cache_dtype = jnp.dtype(jnp.bfloat16)
         options = self.engine_cfg.compiler_options
         # The target is part of the key: a step traced for the CPU must not serve a TPU target.
-        self._step = _step_fn(cfg, self.dtype, scan_layers, options, target_override())
+        self._step = _step_fn(cfg, self.dtype, scan_layers, options, target_override(), mesh)
         # A model placed on a mesh runs its steps under that mesh and its logical-axis rules,
         # as Model.logits does, so the model's sharding hints take effect.
         self.mesh, self.rules = mesh, tuple(rules or ())
         self.num_preemptions = 0
+
+    def _put(self, tree):
+        """Host arrays as the step's inputs: replicated global arrays on a mesh (built from
+        each process's identical host copy, so several processes work), else as they are."""
+        if self.mesh is None:
+            return tree
+        sharding = _replicated_sharding(self.mesh)
+
+        def put(host):
+            host = np.asarray(host)
+            return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+        return jax.tree.map(put, tree)
 
     def _context(self):
         if self.mesh is None:
@@ -226,19 +253,23 @@ class Engine:
             if r.max_new_tokens > 0
         )
         running: list[_Sequence | None] = [None] * slots
-        pages = kv_cache.empty_pages(
-            self.cfg.num_layers,
-            alloc.num_pages,
-            ec.page_size,
-            self.cfg.cache_width,
-            self.cache_dtype,
-        )
-        seen = jnp.zeros((slots, self.cfg.vocab_size), jnp.int8)
-        # Step outputs come back committed to the params' device; committing the fresh pool and
-        # table too keeps the first call's program the one every later call reuses.
-        if self._device is not None:
-            device = jax.sharding.SingleDeviceSharding(self._device)
-            pages, seen = jax.device_put((pages, seen), device)
+        pool_shape = (self.cfg.num_layers, alloc.num_pages, ec.page_size, self.cfg.cache_width)
+
+        def new_pool():
+            return kv_cache.empty_pages(*pool_shape, self.cache_dtype)
+
+        seen = np.zeros((slots, self.cfg.vocab_size), np.int8)
+        # Step outputs come back committed to the params' device (or replicated on the mesh);
+        # placing the fresh pool and table alike keeps the first call's program the one every
+        # later call reuses.
+        if self.mesh is not None:
+            pages = jax.jit(new_pool, out_shardings=_replicated_sharding(self.mesh))()
+            seen = self._put(seen)
+        else:
+            pages, seen = new_pool(), jnp.asarray(seen)
+            if self._device is not None:
+                device = jax.sharding.SingleDeviceSharding(self._device)
+                pages, seen = jax.device_put((pages, seen), device)
         admissions = 0
 
         def preempt(victim: _Sequence) -> None:
@@ -269,7 +300,7 @@ class Engine:
                 row = np.zeros((self.cfg.vocab_size,), np.int8)
                 row[list(seq.request.prompt)] = sampling.SEEN_IN_PROMPT
                 row[seq.generated] |= sampling.SEEN_IN_OUTPUT
-                seen = _set_row(seen, slot, row)
+                seen = _set_row(seen, *self._put((np.int32(slot), row)))
 
             active = [s for s in running if s is not None]
             chunk = ec.prefill_chunk if any(len(s.tokens) - s.cached > 1 for s in active) else 1
@@ -316,17 +347,10 @@ class Engine:
                 params_rows[b] = seq.request.sampling
                 seq.cached += feed
             with self._context():
+                inputs = (tokens, positions, tables, last, emit, step)
+                batch_sampling = sampling.BatchSampling.from_params(params_rows)
                 pages, seen, next_B, logprobs_B = self._step(
-                    self.params,
-                    pages,
-                    seen,
-                    tokens,
-                    positions,
-                    tables,
-                    last,
-                    emit,
-                    step,
-                    sampling.BatchSampling.from_params(params_rows),
+                    self.params, pages, seen, *self._put((*inputs, batch_sampling))
                 )
             next_B, logprobs_B = np.asarray(next_B), np.asarray(logprobs_B)
 
