@@ -5,8 +5,7 @@ latent cache (latent_attention.cc). Everything else is configured in pyproject.t
 kernels compile against the XLA FFI headers that jaxlib ships (a build requirement, pinned to
 the runtime jaxlib). They are optional: where no C++ compiler is found the install still
 succeeds and the CPU falls back to slower jnp formulations
-(``k2jax.kernels.cpu_library.available()``
-says which; see docs/int4.md).
+(``k2jax.kernels.cpu_library.available()`` says which; see docs/int4.md).
 """
 
 import os

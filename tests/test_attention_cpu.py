@@ -1,6 +1,5 @@
 """The CPU attention kernel (k2jax/kernels/csrc/latent_attention.cc) against float64 softmax
-attention
-over the same pages, for every instruction set this CPU has."""
+attention over the same pages, for every instruction set this CPU has."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """The CPU's fused INT4 kernel (k2jax/kernels/csrc/int4_matvec.cc) against float64 matmuls of
-weights
-that compressed-tensors packed, for every instruction set this CPU has."""
+weights that compressed-tensors packed, for every instruction set this CPU has."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Absorbed MLA attention over the paged latent cache on the CPU:
-k2jax/kernels/csrc/latent_attention.cc,
-called through the XLA FFI.
+k2jax/kernels/csrc/latent_attention.cc, called through the XLA FFI.
 
 ``attend(q_BTNW, pages, layer, block_tables_BP, positions_BT, scale, latent)`` returns
 out [B, T, N, latent] float32 with

@@ -2,10 +2,9 @@
 
 One shared library, built by ``pip install`` (setup.py), holds two FFI targets: the fused INT4
 expert matvec (``k2jax.kernels.int4_cpu``) and absorbed attention over the paged latent cache
-(``k2jax.kernels.attention_cpu``). It ships with no checkpoint and runs no code from one. Where it
-was
-not built (no C++ compiler at install time) ``available()`` is False, a warning says so once,
-and the model uses its jnp formulations instead.
+(``k2jax.kernels.attention_cpu``). It ships with no checkpoint and runs no code from one.
+Where it was not built (no C++ compiler at install time) ``available()`` is False, a warning
+says so once, and the model uses its jnp formulations instead.
 """
 
 from __future__ import annotations

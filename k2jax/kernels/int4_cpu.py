@@ -1,5 +1,4 @@
-"""The CPU's fused INT4 expert matvec: k2jax/kernels/csrc/int4_matvec.cc, called through the XLA
-FFI.
+"""The CPU's fused INT4 expert matvec (k2jax/kernels/csrc/int4_matvec.cc, through the XLA FFI).
 
 ``project(x_RI, expert_ids_P, packed, scale, group_size)`` computes
 y[p] = W[expert_ids[p]] @ x[p // k] for experts in K2's packed INT4 format

@@ -31,8 +31,7 @@ NEG_INF = -1e30
 
 def _use_cpu_kernel() -> bool:
     """Absorbed attention through k2jax's CPU kernel (k2jax.kernels.attention_cpu): on the CPU,
-    where
-    the kernel library was built."""
+    where the kernel library was built."""
     return target_platform() == "cpu" and cpu_library.available()
 
 

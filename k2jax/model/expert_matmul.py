@@ -125,8 +125,7 @@ def _naive(x_TD, ids_TK, weights_TK, gate, up, down):
     return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
 
 
-# --- CPU: the fused INT4 kernel (k2jax/kernels/csrc/int4_matvec.cc)
-# -------------------------------------
+# --- CPU: the fused INT4 kernel (k2jax/kernels/csrc/int4_matvec.cc) ---------------------------
 
 
 def _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate, up, down):

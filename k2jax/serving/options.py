@@ -10,7 +10,9 @@ knob there adds it everywhere, and an unknown keyword is refused by name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+
+import numpy as np
 
 from k2jax.serving.sampling import SamplingParams
 
@@ -73,9 +75,9 @@ class GenerateOptions:
     def __post_init__(self) -> None:
         if self.stop_token_ids is not None:
             ids = tuple(self.stop_token_ids)
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in ids):
                 raise ValueError(f"stop_token_ids must be integers, got {list(ids)!r}")
-            object.__setattr__(self, "stop_token_ids", ids)
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
     @classmethod
     def of(cls, options: GenerateOptions | None = None, **keywords) -> GenerateOptions:
@@ -91,8 +93,6 @@ class GenerateOptions:
         sampling = {k: v for k, v in keywords.items() if k in _SAMPLING_FIELDS}
         engine = {k: v for k, v in keywords.items() if k in _ENGINE_FIELDS}
         stops = keywords.get("stop_token_ids", options.stop_token_ids)
-        if isinstance(stops, Sequence) or stops is None:
-            stops = None if stops is None else tuple(stops)
         return cls(
             dataclasses.replace(options.sampling, **sampling),
             stops,
