@@ -298,6 +298,7 @@ def _kernel_expert_bytes(cfg, mesh, dtype, batch: int) -> dict[str, float]:
                 hidden=cfg.hidden_size,
                 inter=cfg.moe_intermediate_size,
                 group_size=cfg.quantization.group_size,
+                num_total=cfg.n_routed_experts,
             )["total"]
             for d in range(shards)
         ]

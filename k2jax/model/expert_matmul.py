@@ -70,14 +70,15 @@ def routed_experts(
     down_EDM: ExpertWeight,
     *,
     expert_offset: int | jax.Array = 0,
+    num_experts_total: int | None = None,
     impl: str | None = None,
 ) -> jax.Array:
     """Sum over k of weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = expert_ids[t, k].
 
     The weights hold experts [expert_offset, expert_offset + E) (all of them unless expert
-    parallelism passes a shard); choices outside that range contribute zero. Only the chosen
-    experts' weights are read. Returns [T, D] in x's dtype; accumulates in float32. ``impl``
-    overrides ``choose_impl`` (see the module docstring).
+    parallelism passes a shard of ``num_experts_total``); choices outside that range contribute
+    zero. Only the chosen experts' weights are read. Returns [T, D] in x's dtype; accumulates in
+    float32. ``impl`` overrides ``choose_impl`` (see the module docstring).
     """
     num_tokens, k = expert_ids_TK.shape
     impl = impl or choose_impl(gate_EMD, num_tokens * k)
@@ -93,7 +94,8 @@ def routed_experts(
     weights_TK = jnp.where(mine_TK, weights_TK, 0.0).astype(jnp.float32)
     with jax.named_scope(f"routed_experts_{impl}"):
         if impl == "pallas":
-            y_TD = _pallas(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+            tm = pallas_tile_rows(local_pairs(num_tokens * k, num_local, num_experts_total))
+            y_TD = _pallas(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM, tm)
         elif impl == "cpu_kernel":
             y_TD = _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
         elif impl == "words_tiled":
@@ -217,13 +219,29 @@ def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
     return jnp.einsum("TKD,TK->TD", y_PD.reshape(t, k, -1), weights_TK)
 
 
+def local_pairs(num_pairs: int, num_local: int, num_total: int | None) -> int:
+    """The (token, choice) pairs one shard of ``num_local`` experts expects out of
+    ``num_pairs`` under uniform routing: all of them without expert parallelism."""
+    return num_pairs if not num_total else -(-num_pairs * num_local // num_total)
+
+
 def pallas_tile_rows(num_pairs: int) -> int:
-    """Decode: 8-row tiles (the sublane minimum); prefill: 128-row tiles to feed the MXU."""
+    """Rows per tile for the pairs a shard expects: 8 (the sublane minimum) while an expert
+    gets a few rows (decode), 128 to feed the MXU when it gets many (prefill). Chosen from the
+    shard's share, not the global count: at batch 64 on 32 shards each expert sees ~2 rows, and
+    128-row tiles made its activation blocks dominate the copies (counted, docs/int4.md)."""
     return 8 if num_pairs <= 64 else 128
 
 
 def pallas_reads(
-    expert_ids_TK, *, expert_offset: int, num_local: int, hidden: int, inter: int, group_size=32
+    expert_ids_TK,
+    *,
+    expert_offset: int,
+    num_local: int,
+    hidden: int,
+    inter: int,
+    group_size=32,
+    num_total: int | None = None,
 ) -> dict[str, int]:
     """HBM bytes one device's Pallas kernels copy for one MoE layer (gate, up, down), counted:
     ``{"activations", "values", "scales", "total"}``.
@@ -232,11 +250,12 @@ def pallas_reads(
     global expert chosen by each (token, choice)) for the shard holding experts
     [expert_offset, expert_offset + num_local), then counts the block copies of each call's
     pipeline with ``int4_pallas.count_copies`` (its own index maps over its grid).
+    ``num_total`` (all experts) sets the tile height as ``routed_experts`` does.
     """
     ids = jnp.asarray(expert_ids_TK, jnp.int32)
     local_TK = ids - expert_offset
     mine_TK = (local_TK >= 0) & (local_TK < num_local)
-    tm = pallas_tile_rows(ids.size)
+    tm = pallas_tile_rows(local_pairs(ids.size, num_local, num_total))
     tiles = _tile_pairs(local_TK, mine_TK, num_local, tm)
     sums = [0, 0, 0]
     for inp, out in ((hidden, inter), (hidden, inter), (inter, hidden)):
@@ -251,9 +270,8 @@ def pallas_reads(
     return {"activations": sums[0], "values": sums[1], "scales": sums[2], "total": sum(sums)}
 
 
-def _pallas(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, *, interpret=None):
+def _pallas(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, *, interpret=None):
     _require_layout("pallas", "int4", gate, up, down)
-    tm = pallas_tile_rows(local_TK.size)
 
     def project(x_RI, w, tiles):
         groups, size = w.values.shape[-3:-1]

@@ -176,7 +176,9 @@ def _expert_parallel(
                 for a in (x_TD, ids_TK, weights_TK)
             )
         offset = jax.lax.axis_index(expert_axes) * local
-        y_TD = routed_experts(x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=offset)
+        y_TD = routed_experts(
+            x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=offset, num_experts_total=total
+        )
         if summed:
             y_TD = jax.lax.psum(y_TD, summed)
         if gathered:
