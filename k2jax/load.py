@@ -17,6 +17,7 @@ from k2jax import model as k2model
 from k2jax.kernels.platform import target_override
 from k2jax.model.config import Config
 from k2jax.model.quant import Int4Weight, QuantizedWeight, expert_layout_for
+from k2jax.serving import placement
 from k2jax.serving.loaded_model import Model
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -171,13 +172,7 @@ def load(
     cfg, host_params = read_hf_params(path, dtype)
     # Each device gets its own shard of every host array (every process holds the same host
     # copy, so this works across processes too).
-    params = jax.tree.map(
-        lambda host, sharding: jax.make_array_from_callback(
-            host.shape, sharding, lambda index: host[index]
-        ),
-        host_params,
-        _shardings(cfg, mesh, dtype),
-    )
+    params = jax.tree.map(placement.place, host_params, _shardings(cfg, mesh, dtype))
     return _model(cfg, _to_runtime_layout(cfg, params, mesh, dtype, layout), dtype, mesh)
 
 

@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from k2jax import model as k2model
 from k2jax.model.config import Config
 from k2jax.model.quant import layout_of
+from k2jax.serving import placement
 
 Rules = Mapping[str, tuple[str, ...]]
 
@@ -214,12 +215,7 @@ def shard_params(params: dict, cfg: Config, mesh: Mesh, strategy: str = "decode"
     shardings = param_shardings(cfg, mesh, jnp.asarray(leaf).dtype, strategy, layout)
     if jax.process_count() == 1:
         return jax.device_put(params, shardings)
-
-    def place(x, s):
-        host = jax.device_get(x)
-        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-
-    return jax.tree.map(place, params, shardings)
+    return jax.tree.map(lambda x, s: placement.place(jax.device_get(x), s), params, shardings)
 
 
 def param_bytes_per_device(

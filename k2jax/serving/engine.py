@@ -39,7 +39,7 @@ from k2jax import model as k2model
 from k2jax.kernels.platform import target_override
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
-from k2jax.serving import sampling
+from k2jax.serving import placement, sampling
 from k2jax.serving.options import EngineConfig, GenerateOptions
 from k2jax.serving.page_allocator import OutOfPages, PageAllocator, pages_for
 from k2jax.serving.sampling import SamplingParams
@@ -114,12 +114,8 @@ def _step_fn(
     options = dict(compiler_options) if compiler_options else None
     # On a mesh every output has a declared placement: replicated, so each process (multi-host
     # included) reads the sampled tokens from its own copy, once per step.
-    out = None if mesh is None else _replicated_sharding(mesh)
+    out = None if mesh is None else placement.replicated(mesh)
     return jax.jit(step, donate_argnums=(1, 2), compiler_options=options, out_shardings=out)
-
-
-def _replicated_sharding(mesh):
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -171,17 +167,8 @@ class Engine:
         self.num_preemptions = 0
 
     def _put(self, tree):
-        """Host arrays as the step's inputs: replicated global arrays on a mesh (built from
-        each process's identical host copy, so several processes work), else as they are."""
-        if self.mesh is None:
-            return tree
-        sharding = _replicated_sharding(self.mesh)
-
-        def put(host):
-            host = np.asarray(host)
-            return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-        return jax.tree.map(put, tree)
+        """Host arrays as the step's inputs: replicated on a mesh, else as they are."""
+        return tree if self.mesh is None else placement.place_replicated(tree, self.mesh)
 
     def _context(self):
         if self.mesh is None:
@@ -263,7 +250,7 @@ class Engine:
         # placing the fresh pool and table alike keeps the first call's program the one every
         # later call reuses.
         if self.mesh is not None:
-            pages = jax.jit(new_pool, out_shardings=_replicated_sharding(self.mesh))()
+            pages = jax.jit(new_pool, out_shardings=placement.replicated(self.mesh))()
             seen = self._put(seen)
         else:
             pages, seen = new_pool(), jnp.asarray(seen)

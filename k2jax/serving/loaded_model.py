@@ -9,13 +9,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from k2jax import model as k2model
 from k2jax.kernels.platform import target_override
 from k2jax.model.config import Config
 from k2jax.model.quant import LAYOUTS, PROJECTIONS, layout_of
-from k2jax.serving import engine
+from k2jax.serving import engine, placement
 from k2jax.serving.options import GenerateOptions
 
 
@@ -70,11 +69,10 @@ class Model:
         return call
 
     def _replicated(self, host: np.ndarray) -> jax.Array:
-        """A host array as a global array copied to every device of the mesh (any process)."""
+        """A host array on this model's devices: copied to every device of the mesh."""
         if self.mesh is None:
             return jnp.asarray(host)
-        sharding = NamedSharding(self.mesh, PartitionSpec())
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return placement.place(host, placement.replicated(self.mesh))
 
     @property
     def _logits_fn(self):
@@ -94,7 +92,7 @@ class Model:
             return k2model.lm_logits(params, x_BTD, cfg=cfg, dtype=dtype)
 
         # Whole logits on every device, so each process (multi-host included) can read them.
-        out = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        out = None if self.mesh is None else placement.replicated(self.mesh)
         return self._on_mesh(jax.jit(run, out_shardings=out))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
@@ -126,7 +124,7 @@ class Model:
         ``KEYWORDS``: the sampling fields of ``SamplingParams``, ``stop_token_ids``, and the
         engine knobs of ``EngineConfig``), or both, keywords winning. Sampling follows K2
         Thinking's defaults (temperature 1.0, top_p 1.0; temperature 0 is greedy); prompt i
-        draws with seed ``seed + i``. ``stop_token_ids=None`` stops at the config's eos
+        draws with seed ``(seed + i) mod 2**32``. ``stop_token_ids=None`` stops at the config's eos
         (``<|im_end|>`` for K2), ``[]`` never stops early. With ``logprobs=True`` returns
         ``(tokens, logprobs)``, the raw logprob of each token.
         """
