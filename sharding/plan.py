@@ -138,7 +138,7 @@ def plan(
         if compiled is not None
         else (0.0, 0.0)
     )
-    kernel = _kernel_expert_bytes(cfg, mesh, dtype, batch) if compiled is not None else {}
+    kernel = _kernel_expert_bytes(cfg, mesh, batch) if compiled is not None else {}
     accessed = xla_accessed + kernel.get("busiest", 0.0)
     groups = _group_split(split)
     return {
@@ -263,7 +263,7 @@ def _bytes_per_step(cfg, mesh, dtype, strategy, shape, scanned: float) -> tuple[
 ROUTING_SEED = 0
 
 
-def _kernel_expert_bytes(cfg, mesh, dtype, batch: int) -> dict[str, float]:
+def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
     """Routed-expert bytes the Pallas kernels copy per decode step, which XLA's cost analysis
     cannot see (zero where the experts run as XLA ops, e.g. CPU devices). Counted, not assumed.
 

@@ -242,13 +242,12 @@ def logical_rules_context(strategy: str):
     return nn.logical_axis_rules(flax_rules(strategy))
 
 
-def check_mesh(cfg: Config, mesh: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
+def check_mesh(cfg: Config, text: str, num_devices: int) -> dict[str, int]:
     """The ``--mesh`` sizes, checked without devices or weights: a ``ValueError`` naming the flag
     when they do not multiply to ``num_devices`` or do not divide the model's dimensions."""
     from sharding.mesh import AXES, parse_mesh
 
-    text = mesh if isinstance(mesh, str) else ",".join(f"{k}={v}" for k, v in mesh.items())
-    sizes = parse_mesh(mesh) if isinstance(mesh, str) else {**dict.fromkeys(AXES, 1), **mesh}
+    sizes = parse_mesh(text)
     for name, size in sizes.items():
         if size < 1:
             raise ValueError(f"--mesh {text}: axis {name} must be >= 1, got {size}")

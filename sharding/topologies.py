@@ -97,14 +97,13 @@ def topology_desc(topology: str):
     saying "this one host, the named slice type" keeps it quiet and changes nothing about the
     program compiled for ``topology``. A real TPU VM's own settings are left alone.
     """
-    import glob
     import os
 
     from jax.experimental import topologies as jtop
 
-    from k2jax.kernels.platform import ACCELERATOR_DEVICE_FILES
+    from k2jax.kernels.platform import has_accelerator_device
 
-    if any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+    if has_accelerator_device():
         return jtop.get_topology_desc(topology_name=topology, platform="tpu")
     defaults = {
         "TPU_SKIP_MDS_QUERY": "1",
@@ -131,11 +130,5 @@ def topology_desc(topology: str):
 
 def _accelerator_type(topology: str) -> str:
     """``"v5p:4x4x2"`` -> ``"v5p-64"`` (the Cloud TPU accelerator-type string libtpu expects)."""
-    chip_name, _, dims = topology.partition(":")
-    chip = CHIPS.get(chip_name)
-    if chip is None or not dims:
-        return topology
-    chips = 1
-    for d in dims.split("x"):
-        chips *= int(d)
-    return f"{chip_name}-{chips * chip.cores_per_chip_in_name}"
+    slice_ = resolve(topology)
+    return f"{slice_.chip.name}-{slice_.chips * slice_.chip.cores_per_chip_in_name}"

@@ -146,13 +146,12 @@ def test_every_impl_is_covered_and_choice_is_by_layout():
     assert set(IMPLS) == {"naive", "cpu_kernel", "words_tiled", "pallas"}
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
     want = "cpu_kernel" if jax.default_backend() == "cpu" else "words_tiled"
-    assert choose_impl(words, 8) == want
-    assert choose_impl(words, 4096) == want
+    assert choose_impl(words) == want
     int4 = to_int4_layout(words)
     assert int4.layout == "int4" and int4.shape == words.shape == (2, 8, 32)
     if jax.default_backend() == "cpu":
-        assert choose_impl(int4, 8) == "naive"  # off TPU no kernel takes the int4 layout
-    assert choose_impl(DenseWeight(jnp.zeros((2, 8, 32))), 8) == "naive"
+        assert choose_impl(int4) == "naive"  # off TPU no kernel takes the int4 layout
+    assert choose_impl(DenseWeight(jnp.zeros((2, 8, 32)))) == "naive"
 
 
 def test_every_layout_offers_the_same_weight_interface(experts):

@@ -36,7 +36,7 @@ def tpu_target():
 def test_the_target_chooses_the_tpu_path():
     assert target_platform() == "tpu"
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
-    assert choose_impl(to_int4_layout(words), 8) == "pallas"
+    assert choose_impl(to_int4_layout(words)) == "pallas"
 
 
 def test_the_environment_variable_chooses_the_same(monkeypatch):

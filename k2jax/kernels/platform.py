@@ -19,11 +19,14 @@ from collections.abc import Iterator
 ACCELERATOR_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
 
 
+def has_accelerator_device() -> bool:
+    """Whether this host shows a TPU or NVIDIA GPU device file (cheap: no JAX, no libtpu)."""
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
 def default_to_cpu_without_accelerators() -> None:
     """Set ``JAX_PLATFORMS=cpu`` when unset and this host shows no accelerator device."""
-    if "JAX_PLATFORMS" in os.environ:
-        return
-    if any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES):
+    if "JAX_PLATFORMS" in os.environ or has_accelerator_device():
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:  # imported already (e.g. by the package): set its flag too

@@ -46,11 +46,8 @@ from k2jax.model.quant import ExpertWeight
 IMPLS = ("naive", "cpu_kernel", "words_tiled", "pallas")
 
 
-def choose_impl(w: ExpertWeight, num_pairs: int) -> str:
-    """The formulation for weight ``w`` on the target platform; the one backend choice.
-
-    ``num_pairs`` (T * K) is accepted for formulations that switch with the work size."""
-    del num_pairs
+def choose_impl(w: ExpertWeight) -> str:
+    """The formulation for weight ``w`` on the target platform; the one backend choice."""
     platform = target_platform()
     if w.layout == "int4" and platform == "tpu":
         return "pallas"
@@ -81,7 +78,7 @@ def routed_experts(
     float32. ``impl`` overrides ``choose_impl`` (see the module docstring).
     """
     num_tokens, k = expert_ids_TK.shape
-    impl = impl or choose_impl(gate_EMD, num_tokens * k)
+    impl = impl or choose_impl(gate_EMD)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl not in ("pallas", "words_tiled", "cpu_kernel"):
