@@ -114,8 +114,7 @@ class _Checked:
     config: Config
     tokenizer: Tokenizer | None
     byte_level: bool  # the default model: text is UTF-8 bytes
-    prompt_ids: list[int] | None  # None for --chat (rendered by the chat mode)
-    tools: list[dict] | None
+    prompt_ids: list[int]  # --chat: the rendered user turn, ready for the reply
     mesh_sizes: dict[str, int] | None
 
 
@@ -152,8 +151,8 @@ def _check_before_loading(args) -> _Checked:
                 f"{tok.used_ids_end - 1} but the model's vocabulary has {config.vocab_size} "
                 "(vocab_size in config.json); the tokenizer does not belong to this model"
             )
-    chat = getattr(args, "chat", None)
-    tools = chat_cli.load_tool_declarations(args.tools) if getattr(args, "tools", None) else None
+    chat = args.chat
+    tools = chat_cli.load_tool_declarations(args.tools) if args.tools else None
     if chat is not None:
         if tok is None:
             where = "the default model" if args.checkpoint is None else args.checkpoint
@@ -200,7 +199,7 @@ def _check_before_loading(args) -> _Checked:
         from sharding.rules import check_mesh
 
         sizes = check_mesh(config, args.mesh, jax.device_count())
-    return _Checked(config, tok, byte_level, None if chat is not None else ids, tools, sizes)
+    return _Checked(config, tok, byte_level, ids, sizes)
 
 
 def _load_model(args, checked: _Checked):
@@ -300,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if getattr(args, "chat", None) is not None and (
-        args.prompt is not None or args.prompt_ids is not None
-    ):
+    if args.chat is not None and (args.prompt is not None or args.prompt_ids is not None):
         parser.error("--chat takes the prompt itself; drop --prompt / --prompt-ids")
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -330,16 +327,8 @@ def _sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(f"[k2jax] {desc}", file=sys.stderr, flush=True)
     tok, byte_level = checked.tokenizer, checked.byte_level
 
-    if getattr(args, "chat", None) is not None:
-        chat_cli.run_chat(
-            model,
-            tok,
-            prompt=args.chat,
-            system=args.system,
-            tools=checked.tools,
-            max_new_tokens=args.max_new_tokens,
-            options=options,
-        )
+    if args.chat is not None:
+        chat_cli.stream_reply(model, tok, checked.prompt_ids, args.max_new_tokens, options)
         return 0
 
     prompt_ids = checked.prompt_ids

@@ -82,16 +82,27 @@ def run_chat(
     prompt: str,
     system: str | None = None,
     tools_json_path: str | os.PathLike | None = None,
-    tools: list[dict[str, Any]] | None = None,
     max_new_tokens: int,
     options: GenerateOptions | None = None,
     stream: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Renders one user turn, streams the model's reply to `stream`, returns the parsed turn
     (`{reasoning_content, content, tool_calls}`)."""
-    if tools is None and tools_json_path:
-        tools = load_tool_declarations(tools_json_path)
+    tools = load_tool_declarations(tools_json_path) if tools_json_path else None
     prompt_ids = chat_prompt_ids(tokenizer, prompt, system, tools)
+    return stream_reply(model, tokenizer, prompt_ids, max_new_tokens, options, stream)
+
+
+def stream_reply(
+    model: StreamingModel,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    options: GenerateOptions | None = None,
+    stream: TextIO = sys.stdout,
+) -> dict[str, Any]:
+    """Streams the reply to an already rendered prompt (`chat_prompt_ids`) to `stream`, reasoning
+    shown apart and tool calls as JSON lines; returns the parsed turn."""
     stop_token_ids = [tokenizer.encode_special("<|im_end|>")]
     if tokenizer.eos_id is not None:
         stop_token_ids.append(tokenizer.eos_id)
