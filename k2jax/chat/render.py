@@ -81,12 +81,15 @@ def content_text(message: Message) -> str:
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+def _reasoning(message: Message) -> Any:
+    """The first of `REASONING_FIELDS` that is set (not None), or None."""
+    return next((message[f] for f in REASONING_FIELDS if message.get(f) is not None), None)
+
+
 def reasoning_text(message: Message) -> str:
     """An assistant message's reasoning, from the first of `REASONING_FIELDS` that is set."""
-    for field in REASONING_FIELDS:
-        if message.get(field) is not None:
-            return _as_text(message[field])
-    return ""
+    reasoning = _reasoning(message)
+    return "" if reasoning is None else _as_text(reasoning)
 
 
 def _where(index: int, message: Message) -> str:
@@ -295,7 +298,7 @@ def _as_apply_chat_template_passes(message: Message) -> dict[str, Any]:
     # transformers' apply_chat_template drops keys whose value is None, then copies the first
     # reasoning field that is set into `reasoning_content` (and `thinking`).
     message = {key: value for key, value in message.items() if value is not None}
-    reasoning = next((message[f] for f in REASONING_FIELDS if message.get(f) is not None), None)
+    reasoning = _reasoning(message)
     if reasoning is not None:
         message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
     return message
