@@ -152,11 +152,12 @@ def load(
     """
     from convert import checkpoint_format
 
-    dtype = resolve_dtype(dtype, _platform(mesh))
+    platform = _platform(mesh)
+    dtype = resolve_dtype(dtype, platform)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    layout = expert_layout or expert_layout_for(_platform(mesh))
+    layout = expert_layout or expert_layout_for(platform)
     if checkpoint_format.is_converted_checkpoint(path):
         cfg, params = load_converted(path, dtype, mesh)
         return _model(cfg, _to_runtime_layout(cfg, params, mesh, dtype, layout), dtype, mesh)
