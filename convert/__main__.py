@@ -22,8 +22,9 @@ default_to_cpu_without_accelerators()
 def _parser() -> argparse.ArgumentParser:
     p = cli_errors.ArgumentParser(
         prog=cli_errors.prog_name("k2jax-convert", "python -m convert"),
-        description="Convert a Kimi K2 Thinking HF checkpoint (INT4 compressed-tensors) into a "
-        "k2jax checkpoint that k2jax.load restores straight onto a mesh.",
+        description="Convert a Kimi K2 Thinking (INT4), Kimi K2 Instruct or DeepSeek-V3/V3.1/R1 "
+        "(FP8) HF checkpoint into a k2jax checkpoint that k2jax.load restores straight onto a "
+        "mesh.",
     )
     p.add_argument("hf_dir", help="HF checkpoint directory (config.json, index, shards)")
     p.add_argument("out_dir", help="output directory; written as OUT_DIR.partial, then renamed")
@@ -32,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
         default="bfloat16",
         choices=("bfloat16", "float32"),
         help="storage dtype of the non-expert weights (INT4 experts are kept packed)",
+    )
+    p.add_argument(
+        "--experts",
+        default=None,
+        choices=("int4", "fp8", "bf16"),
+        help="routed experts' format: int4 (K2 Thinking's INT4: group 32, bf16 scales; an FP8 "
+        "checkpoint's experts are re-quantized), fp8 (kept as stored, 1 byte per weight) or "
+        "bf16 (widened to --dtype); default: the checkpoint's own",
     )
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR.partial")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR / OUT_DIR.partial")
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 force=args.force,
                 verify=args.verify,
                 quiet=args.quiet,
+                experts=args.experts,
             )
         except (CheckpointError, ConfigError) as e:
             raise BadSource(f"bad source checkpoint {args.hf_dir}: {e}") from e

@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -262,19 +263,28 @@ def check_against(manifest: dict, abstract: dict, where: str) -> None:
             raise FormatError(f"{where}: unexpected array {name}: the config has no such param")
 
 
-def restore_params(path: str | os.PathLike, abstract: dict, shardings: dict) -> dict:
+def restore_params(
+    path: str | os.PathLike,
+    abstract: dict,
+    shardings: dict,
+    leave_out: Callable[[tuple[str, ...]], bool] | None = None,
+) -> dict:
     """Restore the params of a finished checkpoint, each array into its sharding.
 
     ``abstract`` gives each leaf's shape and the dtype to restore as (a stored bf16 weight read
     as float32 is widened exactly); ``shardings`` is a matching tree of jax Shardings. orbax
     reads each device's shard from disk and places it on that device: no host copy of the
-    whole model is made.
+    whole model is made. Leaves whose path ``leave_out`` accepts are checked but not restored
+    (absent from the result): the caller reads them layer by layer (``read_layer``).
     """
     import orbax.checkpoint as ocp
 
     path = os.fspath(path)
     manifest = read_manifest(path)
     check_against(manifest, abstract, path)
+    if leave_out is not None:
+        abstract = _without(abstract, leave_out)
+        shardings = _without(shardings, leave_out)
     restore_args = jax.tree.map(
         lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape, dtype=s.dtype),
         abstract,
@@ -287,5 +297,30 @@ def restore_params(path: str | os.PathLike, abstract: dict, shardings: dict) -> 
     with ocp.Checkpointer(handler) as ckptr:
         return ckptr.restore(
             os.path.join(path, PARAMS_DIR),
-            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=leave_out is not None
+            ),
         )
+
+
+def _without(tree: dict, leave_out: Callable[[tuple[str, ...]], bool], prefix=()) -> dict:
+    """``tree`` without the leaves ``leave_out`` accepts (and without emptied subtrees)."""
+    out = {}
+    for key, value in tree.items():
+        where = (*prefix, key)
+        if isinstance(value, dict):
+            kept = _without(value, leave_out, where)
+            if kept:
+                out[key] = kept
+        elif not leave_out(where):
+            out[key] = value
+    return out
+
+
+def read_layer(path: str | os.PathLike, leaf: tuple[str, ...], index: int, dtype) -> np.ndarray:
+    """Layer ``index`` of the stacked array ``leaf`` of a finished checkpoint, on the host."""
+    import tensorstore as ts
+
+    spec = array_spec(os.path.join(os.fspath(path), PARAMS_DIR), leaf)
+    array = ts.open(spec, open=True, read=True).result()
+    return np.asarray(array[index].read().result()).astype(np.dtype(dtype), copy=False)

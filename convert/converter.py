@@ -40,8 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import checkpoint_format as fmt
-from convert import hf_names
-from convert.hf_reader import CheckpointError, HFCheckpoint, cast_for_model
+from convert import expert_formats, hf_names
+from convert.hf_reader import CheckpointError, HFCheckpoint, cast_for_model, load_tensor
 from k2jax import model as k2model
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
@@ -65,6 +65,7 @@ _ST_DTYPES = {
     "I64": np.int64,
     "I8": np.int8,
     "U8": np.uint8,
+    expert_formats.FP8_DTYPE: ml_dtypes.float8_e4m3fn,
 }
 
 
@@ -143,6 +144,9 @@ class _Source:
         self.ckpt = ckpt
         self._shards: dict[str, _Shard] = {}
 
+    def read(self, name: str) -> np.ndarray:
+        return self.shard(name).read(name)
+
     def shard(self, name: str) -> _Shard:
         file = self.ckpt.weight_map[name]
         if file not in self._shards:
@@ -161,7 +165,8 @@ class _Source:
 
     def placements(self, spec: hf_names.TensorSpec, dtype):
         """(param path, index into the stored array, value) for one HF tensor."""
-        array = self.shard(spec.hf_name).read(spec.hf_name)
+        # FP8 weights are dequantized (or kept, for FP8 experts) by the reader's one decoder.
+        array = load_tensor(self.ckpt, spec.hf_name, self.read, fp8_raw=spec.fp8_raw)
         try:
             placed = spec.place(array)
         except ValueError as e:
@@ -182,9 +187,9 @@ class _Source:
         self._shards.clear()
 
 
-def units(cfg) -> list[tuple[str, list[hf_names.TensorSpec]]]:
+def units(cfg, experts: str | None = None) -> list[tuple[str, list[hf_names.TensorSpec]]]:
     """The work in order: every layer, then the embeddings and head (the last shard in K2)."""
-    out = [(f"layer_{i:03d}", hf_names.layer_specs(cfg, i)) for i in range(cfg.num_layers)]
+    out = [(f"layer_{i:03d}", hf_names.layer_specs(cfg, i, experts)) for i in range(cfg.num_layers)]
     out.append((HEAD, hf_names.head_specs(cfg)))
     return out
 
@@ -233,8 +238,9 @@ class _Writer:
             self._retire()
 
 
-def _fingerprint(ckpt: HFCheckpoint, dtype: str) -> dict:
-    """What a resumed conversion must find unchanged: source files, config, index, dtype."""
+def _fingerprint(ckpt: HFCheckpoint, dtype: str, experts: str = "int4") -> dict:
+    """What a resumed conversion must find unchanged: source files, config, index, dtype and
+    expert format."""
 
     def sha(name: str) -> str | None:
         p = os.path.join(ckpt.path, name)
@@ -243,13 +249,16 @@ def _fingerprint(ckpt: HFCheckpoint, dtype: str) -> dict:
         with open(p, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
 
-    return {
+    out = {
         "format_version": fmt.VERSION,
         "dtype": dtype,
         "config_sha256": sha("config.json"),
         "index_sha256": sha("model.safetensors.index.json"),
         "files": {f: os.path.getsize(os.path.join(ckpt.path, f)) for f in ckpt.files},
     }
+    if experts != "int4":  # absent for INT4, so partials of earlier versions still resume
+        out["experts"] = experts
+    return out
 
 
 def _read_progress(partial: str) -> dict[str, dict[str, int]]:
@@ -342,7 +351,7 @@ def _prepare_output(
                 state = json.load(f)
             if state["fingerprint"] != fp and not force:
                 raise ConvertError(
-                    f"{partial} was started from a different source or --dtype; "
+                    f"{partial} was started from a different source or --dtype (or --experts); "
                     "pass --force to start over"
                 )
             if state["fingerprint"] == fp:
@@ -379,11 +388,14 @@ def convert(
     force: bool = False,
     verify: bool = False,
     quiet: bool = False,
+    experts: str | None = None,
 ) -> Summary:
     """Convert the HF K2-format checkpoint at ``hf_dir`` into a k2jax checkpoint at ``out_dir``.
 
-    ``dtype`` is the storage dtype of the dense (non-expert) float weights; INT4 expert words and
-    scales and the router bias are stored as on disk. Raises ``CheckpointError`` for a bad
+    ``dtype`` is the storage dtype of the dense (non-expert) float weights (FP8 ones are
+    dequantized to it); INT4 expert words and scales and the router bias are stored as on disk.
+    ``experts`` is the routed experts' format (``convert.expert_formats``: ``"int4"``, ``"fp8"``
+    or ``"bf16"``; None keeps the checkpoint's own). Raises ``CheckpointError`` for a bad
     source (before writing anything) and ``ConvertError`` for an output it will not touch.
     """
     start = time.monotonic()
@@ -394,16 +406,21 @@ def convert(
     out = os.path.abspath(os.fspath(out_dir))
     partial = out + ".partial"
     ckpt = HFCheckpoint(hf_dir)
-    ckpt.validate()
+    try:
+        experts = expert_formats.resolve(ckpt.config, experts)
+    except ValueError as e:
+        raise ConvertError(f"--experts: {e}") from None
+    ckpt.validate(hf_names.all_specs(ckpt.config, experts))
     cfg = ckpt.config
-    abstract = k2model.abstract_params(cfg, np_dtype)
-    fp = _fingerprint(ckpt, dtype)
+    layout = expert_formats.STORAGE_LAYOUT[experts]
+    abstract = k2model.abstract_params(cfg, np_dtype, layout)
+    fp = _fingerprint(ckpt, dtype, experts)
     info = _prepare_output(out, partial, ckpt, fp, resume, force, abstract, say)
     params_dir = os.path.join(partial, fmt.PARAMS_DIR)
     arrays = fmt.open_params(params_dir, info)
     done = _read_progress(partial)
 
-    work = units(cfg)
+    work = units(cfg, experts)
     total = sum(ckpt.nbytes(s.hf_name) for _, specs in work for s in specs)
     skipped = sum(ckpt.nbytes(s.hf_name) for name, specs in work if name in done for s in specs)
     kill_after = os.environ.get(KILL_ENV)
@@ -454,8 +471,8 @@ def convert(
     _check_written(params_dir, info, abstract)
     if verify:
         say("--verify: re-reading the source and comparing every array")
-        verify_against_source(ckpt, partial, np_dtype, quiet)
-    manifest = _manifest(cfg, info, done, fp, dtype)
+        verify_against_source(ckpt, partial, np_dtype, quiet, experts)
+    manifest = _manifest(cfg, info, done, fp, dtype, experts)
     # The resume bookkeeping goes before the manifest: a finished checkpoint carries only the
     # manifest, whose crc32s already hold what progress.jsonl recorded.
     for name in (PROGRESS, STATE, PARTIAL_MARKER):
@@ -492,7 +509,7 @@ def _np_name(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else name
 
 
-def _manifest(cfg, info, done, fp, dtype) -> dict:
+def _manifest(cfg, info, done, fp, dtype, experts="int4") -> dict:
     arrays = {}
     for path, v in info.items():
         key = fmt.leaf_name(path)
@@ -510,6 +527,7 @@ def _manifest(cfg, info, done, fp, dtype) -> dict:
         "version": fmt.VERSION,
         "finished": True,
         "dtype": dtype,
+        "experts": experts,
         "source": fp,
         "arrays": arrays,
     }
@@ -533,17 +551,21 @@ def _check_written(params_dir: str, info: dict, abstract: dict) -> None:
             raise ConvertError(f"{key}: {have} of {expect} chunks on disk: a write was lost")
 
 
-def verify_against_source(ckpt: HFCheckpoint, out: str, np_dtype, quiet: bool = True) -> int:
+def verify_against_source(
+    ckpt: HFCheckpoint, out: str, np_dtype, quiet: bool = True, experts: str | None = None
+) -> int:
     """Re-read every source tensor, place it, and compare bit for bit with the stored array.
 
     Returns the number of arrays compared; raises ``ConvertError`` naming the tensor on the
     first difference. ``out`` is a converted (or partial) checkpoint directory.
     """
     params_dir = os.path.join(out, fmt.PARAMS_DIR)
-    paths = fmt.flat_leaves(k2model.abstract_params(ckpt.config, np_dtype))
+    experts = expert_formats.resolve(ckpt.config, experts)
+    layout = expert_formats.STORAGE_LAYOUT[experts]
+    paths = fmt.flat_leaves(k2model.abstract_params(ckpt.config, np_dtype, layout))
     arrays = fmt.open_params(params_dir, paths)
     source = _Source(ckpt)
-    work = units(ckpt.config)
+    work = units(ckpt.config, experts)
     total = sum(ckpt.nbytes(s.hf_name) for _, specs in work for s in specs)
     compared = 0
     try:

@@ -6,6 +6,12 @@ to our [in, out] layout, split heads, and the rope permutation). The rope layout
 checkpoint is handled here and only here: the rope rows of ``q_b_proj`` (per head) and of
 ``kv_a_proj_with_mqa`` are stored as interleaved pairs (2j, 2j+1); we permute them once into
 halves (evens then odds), which is what ``k2jax.model.rope.apply_rope`` rotates.
+
+FP8 checkpoints store their linear weights as float8_e4m3fn with block scales: for them every
+linear weight may also be ``F8_E4M3`` on disk (``HFCheckpoint`` checks its
+``weight_scale_inv`` and hands the placement functions the dequantized float32 array), and
+the routed experts are placed in the format asked for (``expert_formats``): FP8 as stored,
+re-quantized INT4 words, or widened.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from convert import expert_formats
 from k2jax.model.config import Config
+from k2jax.model.quant import LAYOUTS
 
 Path = tuple[str, ...]
 Placement = list[tuple[Path, np.ndarray]]
@@ -37,6 +45,9 @@ class TensorSpec:
     layer: int | None  # index within the stack
     expert: int | None
     place: Callable[[np.ndarray], Placement]
+    # The placement takes the FP8 values and block scales as stored (an
+    # ``expert_formats.Fp8Tensor``) instead of the dequantized float32 array.
+    fp8_raw: bool = False
 
 
 def _halves_permutation(width: int) -> np.ndarray:
@@ -92,16 +103,25 @@ def stack_position(cfg: Config, layer: int) -> tuple[str, int]:
     return "moe_layers", layer - cfg.num_dense_layers
 
 
-def layer_specs(cfg: Config, layer: int) -> list[TensorSpec]:
-    """Every tensor of HF layer ``layer``."""
+def _linear_dtypes(cfg: Config) -> tuple[str, ...]:
+    """What a linear weight may be stored as: FP8 too in an FP8 checkpoint."""
+    if cfg.quantization.kind == "fp8":
+        return (*FLOAT_DTYPES, expert_formats.FP8_DTYPE)
+    return FLOAT_DTYPES
+
+
+def layer_specs(cfg: Config, layer: int, experts: str | None = None) -> list[TensorSpec]:
+    """Every tensor of HF layer ``layer``; routed experts placed in format ``experts``
+    (``expert_formats``; None: the checkpoint's own)."""
     stack, index = stack_position(cfg, layer)
+    lin = _linear_dtypes(cfg)
     p = f"model.layers.{layer}"
     d, q, c, r = cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     n, h, u = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     specs: list[tuple[str, tuple[int, ...], tuple[str, ...], int | None, Callable]] = [
         ("input_layernorm.weight", (d,), FLOAT_DTYPES, None, _same(("attn_norm", "scale"))),
         ("post_attention_layernorm.weight", (d,), FLOAT_DTYPES, None, _same(("mlp_norm", "scale"))),
-        ("self_attn.q_a_proj.weight", (q, d), FLOAT_DTYPES, None, _t(("attn", "w_q_down"))),
+        ("self_attn.q_a_proj.weight", (q, d), lin, None, _t(("attn", "w_q_down"))),
         (
             "self_attn.q_a_layernorm.weight",
             (q,),
@@ -112,14 +132,14 @@ def layer_specs(cfg: Config, layer: int) -> list[TensorSpec]:
         (
             "self_attn.q_b_proj.weight",
             (n * (h + r), q),
-            FLOAT_DTYPES,
+            lin,
             None,
             _q_up(cfg, ("attn", "w_q_up")),
         ),
         (
             "self_attn.kv_a_proj_with_mqa.weight",
             (c + r, d),
-            FLOAT_DTYPES,
+            lin,
             None,
             _kv_down(cfg, ("attn", "w_kv_down")),
         ),
@@ -133,18 +153,16 @@ def layer_specs(cfg: Config, layer: int) -> list[TensorSpec]:
         (
             "self_attn.kv_b_proj.weight",
             (n * (h + u), c),
-            FLOAT_DTYPES,
+            lin,
             None,
             _kv_up(cfg, ("attn", "w_k_up"), ("attn", "w_v_up")),
         ),
-        ("self_attn.o_proj.weight", (d, n * u), FLOAT_DTYPES, None, _o_proj(cfg, ("attn", "w_o"))),
+        ("self_attn.o_proj.weight", (d, n * u), lin, None, _o_proj(cfg, ("attn", "w_o"))),
     ]
     if stack == "dense_layers":
         f = cfg.intermediate_size
         for proj, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-            specs.append(
-                (f"mlp.{proj}_proj.weight", shape, FLOAT_DTYPES, None, _t(("mlp", f"w_{proj}")))
-            )
+            specs.append((f"mlp.{proj}_proj.weight", shape, lin, None, _t(("mlp", f"w_{proj}"))))
     else:
         e, m = cfg.n_routed_experts, cfg.moe_intermediate_size
         ms = m * cfg.n_shared_experts
@@ -164,25 +182,23 @@ def layer_specs(cfg: Config, layer: int) -> list[TensorSpec]:
                     (
                         f"mlp.shared_experts.{proj}_proj.weight",
                         shape,
-                        FLOAT_DTYPES,
+                        lin,
                         None,
                         _t(("moe", "shared", f"w_{proj}")),
                     )
                 )
-        specs.extend(_expert_specs(cfg))
+        specs.extend(_expert_specs(cfg, experts))
     return [
-        TensorSpec(f"{p}.{name}", shape, dtypes, stack, index, expert, place)
-        for name, shape, dtypes, expert, place in specs
+        TensorSpec(f"{p}.{name}", shape, dtypes, stack, index, expert, place, *raw)
+        for name, shape, dtypes, expert, place, *raw in specs
     ]
 
 
-def _expert_specs(cfg: Config):
+def _expert_specs(cfg: Config, experts: str | None):
     q = cfg.quantization
+    fmt = expert_formats.resolve(cfg, experts)
     if q.kind != "int4":
-        raise NotImplementedError(
-            f"routed experts stored as {q.kind!r}: k2jax runs INT4 (compressed-tensors "
-            "pack-quantized) experts only; convert the checkpoint's experts to that format first"
-        )
+        return _float_expert_specs(cfg, fmt)
     d, m, g = cfg.hidden_size, cfg.moe_intermediate_size, q.group_size
     out = []
     for e in range(cfg.n_routed_experts):
@@ -219,6 +235,39 @@ def _expert_specs(cfg: Config):
     return out
 
 
+def _float_expert_specs(cfg: Config, fmt: str):
+    """An FP8 (or plain float) checkpoint's experts: one ``weight`` per projection, placed as
+    format ``fmt`` (``expert_formats``)."""
+    d, m = cfg.hidden_size, cfg.moe_intermediate_size
+    dtypes = (expert_formats.FP8_DTYPE,) if cfg.quantization.kind == "fp8" else FLOAT_DTYPES
+    out = []
+    for e in range(cfg.n_routed_experts):
+        for proj, shape in (("gate", (m, d)), ("up", (m, d)), ("down", (d, m))):
+            names = LAYOUTS[expert_formats.STORAGE_LAYOUT[fmt]].param_names(proj)
+            paths = [("moe", "experts", name) for name in names]
+            place, raw = _expert_placement(fmt, paths)
+            out.append((f"mlp.experts.{e}.{proj}_proj.weight", shape, dtypes, e, place, raw))
+    return out
+
+
+def _expert_placement(fmt: str, paths: list[Path]) -> tuple[Callable, bool]:
+    """(placement, whether it takes the raw FP8 tensor) of one expert projection."""
+    if fmt == "fp8":
+        values_path, scale_path = paths
+        # The block-scale grid flattened, as ``Fp8Weight`` holds it.
+        return lambda t: [(values_path, t.values), (scale_path, t.scale_inv.reshape(1, -1))], True
+    if fmt == "int4":
+        packed_path, scale_path = paths
+
+        def requantize(a: np.ndarray) -> Placement:
+            words, scale = expert_formats.quantize_int4(a)
+            return [(packed_path, words), (scale_path, scale)]
+
+        return requantize, False
+    (dense_path,) = paths
+    return lambda a: [(dense_path, a)], False
+
+
 def _check_shape(name: str, want: tuple[int, int]) -> Callable[[np.ndarray], Placement]:
     def place(a: np.ndarray) -> Placement:
         if tuple(int(x) for x in a.reshape(-1)) != want:
@@ -248,11 +297,11 @@ def head_specs(cfg: Config) -> list[TensorSpec]:
     ]
 
 
-def all_specs(cfg: Config) -> dict[str, TensorSpec]:
-    """Every HF tensor the model needs, by name."""
+def all_specs(cfg: Config, experts: str | None = None) -> dict[str, TensorSpec]:
+    """Every HF tensor the model needs, by name (routed experts in format ``experts``)."""
     specs = head_specs(cfg)
     for layer in range(cfg.num_layers):
-        specs.extend(layer_specs(cfg, layer))
+        specs.extend(layer_specs(cfg, layer, experts))
     return {s.hf_name: s for s in specs}
 
 

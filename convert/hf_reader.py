@@ -6,6 +6,13 @@ real work starts, that every tensor the model needs is present exactly once with
 shape and dtype, that nothing unexpected is there, and that no shard is missing or truncated.
 Every problem is a ``CheckpointError`` naming the tensor and the file.
 
+FP8 checkpoints (DeepSeek-V3/R1, Kimi K2 Instruct) are read at the tensor level: ``read``
+returns an FP8 weight dequantized in float32 with its ``weight_scale_inv`` (every path, the
+loader's and the converter's, goes through ``load_tensor``), ``read_fp8`` the stored values and
+scales for experts kept in FP8. ``validate`` checks each FP8 weight's scale (present, float32,
+one per 128x128 block) and the config's FP8 fields; a multi-token-prediction layer
+(``num_nextn_predict_layers``) is skipped with a one-line notice.
+
 Nothing shipped inside the directory is imported or executed: only JSON and safetensors files
 are read.
 """
@@ -14,14 +21,25 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import struct
+import sys
+from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
 from convert import hf_names
-from k2jax.model.config import Config
+from convert.expert_formats import (
+    FP8_DTYPE,
+    SCALE_SUFFIX,
+    Fp8Tensor,
+    dequantize_fp8,
+    scale_name,
+    scale_shape,
+)
+from k2jax.model.config import Config, ConfigError
+from k2jax.model.quant import FP8_BLOCK
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,6 +67,7 @@ class HFCheckpoint:
         if not os.path.isfile(config_path):
             raise CheckpointError(f"{config_path}: no config.json in the checkpoint directory")
         self.config = Config.from_hf(config_path)
+        _check_fp8_config(config_path)
         self.weight_map = self._read_weight_map()
         self._handles: dict[str, object] = {}
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
@@ -125,8 +144,8 @@ class HFCheckpoint:
                         )
                 spec = specs.get(name)
                 if spec is None:
-                    if hf_names.is_ignored(self.config, name):
-                        continue
+                    if hf_names.is_ignored(self.config, name) or _is_fp8_scale(name, specs):
+                        continue  # FP8 scales: checked with their weights below
                     raise CheckpointError(
                         f"unexpected tensor {name!r} in {file}: the config "
                         "describes no such parameter"
@@ -144,11 +163,70 @@ class HFCheckpoint:
         for name, file in self.weight_map.items():
             if name not in located:
                 raise CheckpointError(f"tensor {name!r} is listed in the index but not in {file}")
+        self._validate_fp8_scales(specs)
+        self._notice_skipped_mtp()
+
+    def _validate_fp8_scales(self, specs: dict[str, hf_names.TensorSpec]) -> None:
+        """Every FP8 weight has its float32 ``weight_scale_inv`` of one value per 128x128 block;
+        no scale without an FP8 weight."""
+        for name in specs:
+            dtype, shape = self.stored(name)
+            scale = scale_name(name)
+            if dtype != FP8_DTYPE:
+                if scale in self.weight_map:
+                    raise CheckpointError(
+                        f"unexpected tensor {scale!r} in {self.weight_map[scale]}: {name!r} is "
+                        f"stored as {dtype}, not FP8"
+                    )
+                continue
+            if scale not in self.weight_map:
+                raise CheckpointError(
+                    f"tensor {scale!r} is missing: {name!r} in {self.weight_map[name]} is FP8 "
+                    "and needs its block scales"
+                )
+            s_dtype, s_shape = self.stored(scale)
+            want = scale_shape(shape)
+            if s_shape != want:
+                raise CheckpointError(
+                    f"tensor {scale!r} in {self.weight_map[scale]} has shape {list(s_shape)}, "
+                    f"expected {list(want)} (one scale per {FP8_BLOCK}x{FP8_BLOCK} block of "
+                    f"{name!r} {list(shape)})"
+                )
+            if s_dtype != "F32":
+                raise CheckpointError(
+                    f"tensor {scale!r} in {self.weight_map[scale]} has dtype {s_dtype}, "
+                    "expected F32"
+                )
+
+    def _notice_skipped_mtp(self) -> None:
+        cfg = self.config
+        mtp = range(cfg.num_layers, cfg.num_layers + cfg.num_nextn_predict_layers)
+        skipped = [n for n in self.weight_map if _layer_index(n) in mtp]
+        if skipped:
+            layers = ", ".join(str(i) for i in mtp)
+            print(
+                f"note: skipping the multi-token-prediction layer {layers} ({len(skipped)} "
+                "tensors): k2jax does not use it",
+                file=sys.stderr,
+            )
+
+    def stored(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) of tensor ``name`` as stored."""
+        return self._header(self.weight_map[name])[name]
 
     def read(self, name: str) -> np.ndarray:
-        """One tensor as a numpy array (bf16 as ml_dtypes.bfloat16)."""
+        """One tensor as a numpy array (bf16 as ml_dtypes.bfloat16; FP8 dequantized, float32)."""
+        return load_tensor(self, name, self._read_stored)
+
+    def read_fp8(self, name: str) -> Fp8Tensor:
+        """An FP8 weight as stored: its float8_e4m3fn values and float32 block scales."""
+        return load_tensor(self, name, self._read_stored, fp8_raw=True)
+
+    def _read_stored(self, name: str) -> np.ndarray:
         file = self.weight_map[name]
         try:
+            if self.stored(name)[0] == FP8_DTYPE:  # safetensors' numpy reader has no FP8
+                return _read_fp8_bytes(os.path.join(self.path, file), name)
             return self._open(file).get_tensor(name)
         except CheckpointError:
             raise
@@ -156,20 +234,104 @@ class HFCheckpoint:
             raise CheckpointError(f"tensor {name!r} in {file} could not be read ({e})") from None
 
     def nbytes(self, name: str) -> int:
-        dtype, shape = self._header(self.weight_map[name])[name]
-        return int(np.prod(shape)) * _itemsize(dtype)
+        """Bytes stored for ``name`` (an FP8 weight's block scales included)."""
+        dtype, shape = self.stored(name)
+        n = int(np.prod(shape)) * _itemsize(dtype)
+        if dtype == FP8_DTYPE and scale_name(name) in self.weight_map:
+            s_dtype, s_shape = self.stored(scale_name(name))
+            n += int(np.prod(s_shape)) * _itemsize(s_dtype)
+        return n
 
 
 def _itemsize(safetensors_dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}.get(
-        safetensors_dtype, 4
-    )
+    return {
+        "BF16": 2,
+        "F16": 2,
+        "F32": 4,
+        "I32": 4,
+        "I64": 8,
+        "U8": 1,
+        "I8": 1,
+        FP8_DTYPE: 1,
+    }.get(safetensors_dtype, 4)
+
+
+def _is_fp8_scale(name: str, specs: dict) -> bool:
+    weight = name.removesuffix(SCALE_SUFFIX)
+    return weight != name and weight in specs
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+FP8_FORMATS = ("e4m3",)
+
+
+def _check_fp8_config(config_path: str) -> None:
+    """An FP8 config's fields this reader implements: e4m3 values, 128x128 blocks."""
+    with open(config_path, encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config") or {}
+    if qc.get("quant_method") != "fp8":
+        return
+    fmt = qc.get("fmt", "e4m3")
+    if fmt not in FP8_FORMATS:
+        raise ConfigError(
+            f"config field 'quantization_config.fmt' = {fmt!r} is not supported "
+            f"(supported: {list(FP8_FORMATS)})"
+        )
+    block = qc.get("weight_block_size")
+    if block != [FP8_BLOCK, FP8_BLOCK]:
+        raise ConfigError(
+            f"config field 'quantization_config.weight_block_size' = {block!r} is not "
+            f"supported (supported: [{FP8_BLOCK}, {FP8_BLOCK}])"
+        )
+
+
+def _read_fp8_bytes(path: str, name: str) -> np.ndarray:
+    """One F8_E4M3 tensor of a safetensors file, read from its header's offsets."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n))[name]
+        begin, end = entry["data_offsets"]
+        f.seek(8 + n + begin)
+        data = f.read(end - begin)
+    if len(data) != end - begin:
+        raise CheckpointError(f"tensor {name!r} in {path}: file ends early")
+    return np.frombuffer(data, ml_dtypes.float8_e4m3fn).reshape(entry["shape"])
+
+
+def load_tensor(
+    ckpt: HFCheckpoint, name: str, read_stored: Callable[[str], np.ndarray], fp8_raw=False
+):
+    """Tensor ``name`` read through ``read_stored`` (name -> the array as stored): an FP8
+    weight dequantized in float32 with its block scales, or with ``fp8_raw`` as stored
+    (``Fp8Tensor``); any other tensor as stored. The one place FP8 is decoded, for the
+    loader's reads and the converter's alike."""
+    array = read_stored(name)
+    dtype = ckpt.stored(name)[0]
+    if dtype != FP8_DTYPE:
+        if fp8_raw:
+            raise CheckpointError(
+                f"tensor {name!r} in {ckpt.weight_map[name]} is {dtype}, not FP8: FP8 experts "
+                "need FP8 weights"
+            )
+        return array
+    t = Fp8Tensor(array.view(ml_dtypes.float8_e4m3fn), read_stored(scale_name(name)))
+    return t if fp8_raw else dequantize_fp8(t)
 
 
 def cast_for_model(array: np.ndarray, path: hf_names.Path, dtype) -> np.ndarray:
     """The dtype a parameter is held in: INT4 payload and scales and the router bias as stored
     (int32 / bf16 / float32); every other float weight in the model's ``dtype``."""
     leaf = path[-1]
+    if leaf.endswith("_fp8"):
+        return array.astype(ml_dtypes.float8_e4m3fn, copy=False)
+    if leaf.endswith("_block_scale"):
+        return array.astype(np.float32, copy=False)
     if leaf.endswith("_packed"):
         return array.astype(np.int32, copy=False)
     if leaf.endswith("_scale") and len(path) > 2 and path[-2] == "experts":
@@ -185,7 +347,7 @@ def place_all(
     """Read and transform the given tensors: (spec, param path, array) for each placement."""
     out = []
     for spec in specs:
-        array = ckpt.read(spec.hf_name)
+        array = ckpt.read_fp8(spec.hf_name) if spec.fp8_raw else ckpt.read(spec.hf_name)
         try:
             placements = spec.place(array)
         except ValueError as e:

@@ -14,7 +14,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from k2jax.kernels import int4_pallas
 from k2jax.model.expert_matmul import IMPLS, choose_impl, routed_experts
-from k2jax.model.quant import DenseWeight, Int4Weight, QuantizedWeight, to_int4_layout
+from k2jax.model.quant import DenseWeight, FloatWeight, Int4Weight, QuantizedWeight, to_int4_layout
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -143,7 +143,7 @@ def test_pallas_kernel_exact_per_projection(experts):
 
 
 def test_every_impl_is_covered_and_choice_is_by_layout():
-    assert set(IMPLS) == {"naive", "cpu_kernel", "words_tiled", "pallas"}
+    assert set(IMPLS) == {"naive", "cpu_kernel", "words_tiled", "pallas", "all_experts"}
     words = QuantizedWeight(jnp.zeros((2, 8, 4), jnp.int32), jnp.zeros((2, 8, 1), jnp.bfloat16))
     want = "cpu_kernel" if jax.default_backend() == "cpu" else "words_tiled"
     assert choose_impl(words) == want
@@ -152,6 +152,8 @@ def test_every_impl_is_covered_and_choice_is_by_layout():
     if jax.default_backend() == "cpu":
         assert choose_impl(int4) == "naive"  # off TPU no kernel takes the int4 layout
     assert choose_impl(DenseWeight(jnp.zeros((2, 8, 32)))) == "naive"
+    # training's float master weights (k2jax.train; checked against words in tests/test_qat.py)
+    assert choose_impl(FloatWeight(jnp.zeros((2, 8, 32)))) == "all_experts"
 
 
 def test_every_layout_offers_the_same_weight_interface(experts):

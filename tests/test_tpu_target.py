@@ -172,7 +172,10 @@ def test_sample_cli_with_the_tpu_target_gives_the_cpu_tokens():
     import sys
 
     def run(**env):
+        # float32 on both: "auto" would pick bfloat16 for the TPU target, and this compares
+        # the paths, not the dtypes.
         args = ["--max-new-tokens", "8", "--temperature", "0", "--json", "--no-compile-cache"]
+        args += ["--dtype", "float32"]
         base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "K2JAX_TARGET")}
         out = subprocess.run(
             [sys.executable, "-m", "k2jax.sample", *args],

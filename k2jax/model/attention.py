@@ -7,7 +7,9 @@
   the latents, and the value up-projection W_UV is applied afterwards. Used for chunked prefill
   and decode against the paged cache; the cache holds C + R values per token and layer. On the
   CPU it runs through k2jax's kernel (k2jax.kernels.attention_cpu), which reads the pool in place;
-  without the kernel library, through XLA:CPU in jnp.
+  without the kernel library, through XLA:CPU in jnp. On the TPU target it runs through the
+  Pallas kernel (k2jax.kernels.mla_pallas: pages read in place through the block tables, online
+  softmax in VMEM); ``absorbed`` (jnp over gathered pages) stays as its reference.
 
 Both write the same normalized latent and rotated rope key, so a cache filled by either serves
 the other.
@@ -15,15 +17,19 @@ the other.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k2jax.kernels import attention_cpu, cpu_library
+from k2jax.kernels import attention_cpu, cpu_library, mla_pallas
 from k2jax.kernels.platform import target_platform
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
 from k2jax.model.layers import RMSNorm, fan_in_init, param
+from k2jax.model.moe import mesh_axes
 from k2jax.model.rope import apply_rope
 
 NEG_INF = -1e30
@@ -127,6 +133,10 @@ class MLAttention(nn.Module):
 
                 rows = (cache.block_tables, q_nope_BTNH, q_pe_BTNR, positions_BT)
                 out_BTNU = jax.lax.map(one_row, rows)
+            elif target_platform() == "tpu":
+                out_BTNU = self.absorbed_tpu_kernel(
+                    q_nope_BTNH, q_pe_BTNR, pages, layer, cache.block_tables, positions_BT
+                )
             else:
                 cached_BPKW = kv_cache.read_pages(pages, layer, cache.block_tables)
                 out_BTNU = self.absorbed(q_nope_BTNH, q_pe_BTNR, cached_BPKW, positions_BT)
@@ -160,6 +170,25 @@ class MLAttention(nn.Module):
             positions_BT,
             scale=c.softmax_scale,
             latent=c.kv_lora_rank,
+        ).astype(q_nope_BTNH.dtype)
+        return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
+
+    def absorbed_tpu_kernel(self, q_nope_BTNH, q_pe_BTNR, pages, layer, tables_BP, positions_BT):
+        """``absorbed`` through the Pallas TPU kernel, which reads ``layer`` of the pool in place.
+
+        The queries stay in the model's dtype and the kernel widens the cache to it, as
+        ``absorbed`` does; its float32 latent output is rounded to that dtype before W_UV.
+        """
+        q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        kernel = functools.partial(mla_pallas.paged_mla_attention, scale=self.cfg.softmax_scale)
+        out_lat_BTNC = _partitioned(
+            kernel,
+            q_lat_BTNC,
+            q_pe_BTNR,
+            pages,
+            jnp.asarray(layer, jnp.int32),
+            tables_BP,
+            positions_BT,
         ).astype(q_nope_BTNH.dtype)
         return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
 
@@ -218,3 +247,30 @@ class MLAttention(nn.Module):
         )
         scores_BNTS = jnp.where(visible_BTS[:, None], scores_BNTS * self.cfg.softmax_scale, NEG_INF)
         return jax.nn.softmax(scores_BNTS, axis=-1)
+
+
+def _dividing(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...]:
+    """The longest leading run of ``axes`` whose device count divides ``size``."""
+    kept: tuple[str, ...] = ()
+    for axis in axes:
+        if size % math.prod(mesh.shape[a] for a in (*kept, axis)):
+            break
+        kept = (*kept, axis)
+    return kept
+
+
+def _partitioned(kernel, q_lat_BTNC, q_pe_BTNR, pages, layer, tables_BP, positions_BT):
+    """``kernel`` on the context's mesh. XLA cannot partition a Mosaic kernel, so on a mesh it
+    runs in a shard_map: heads split as the head weights are (the ``heads`` rule), rows as the
+    batch is (``act_batch``), the pool and the layer index whole on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    args = (q_lat_BTNC, q_pe_BTNR, pages, layer, tables_BP, positions_BT)
+    if mesh.empty or mesh.size == 1:
+        return kernel(*args)
+    heads = _dividing(mesh_axes("heads"), q_lat_BTNC.shape[2], mesh) or None
+    rows = _dividing(mesh_axes("act_batch"), q_lat_BTNC.shape[0], mesh) or None
+    P = jax.sharding.PartitionSpec
+    q, r = P(rows, None, heads, None), P(rows)
+    return jax.shard_map(kernel, in_specs=(q, q, P(), P(), r, r), out_specs=q, check_vma=False)(
+        *args
+    )

@@ -13,18 +13,25 @@ Formulations (``impl=``):
   pair routed to it; three calls per layer (gate, up, down) and nothing widened in memory. 4-6x
   faster than ``words_tiled`` at decode. Needs group size 32 and the kernel built at install
   time; otherwise the CPU falls back to ``words_tiled``.
-- ``"words_tiled"`` (CPU fallback, decode and prefill): sort pairs by expert into row tiles of one
+- ``"words_tiled"`` (CPU fallback, decode and prefill; also FP8 experts on the CPU, each chosen
+  expert widened by ``Fp8Weight.expert``): sort pairs by expert into row tiles of one
   expert each, then loop over the tiles widening only that tile's expert to float32 for one
   plain dot (each widened expert stays in cache; 6-13x faster than ``naive`` at decode). The
   work is bounded by the pairs (P + min(E, P) * (tile - 1) rows), never by the expert count;
   ``jax.lax.ragged_dot`` was rejected here because XLA:CPU computes it densely over every
   expert (its cost grew 16x from 16 to 256 experts at the same top-k).
 - ``"pallas"`` (TPU): sort pairs by expert into row tiles, one Pallas call per projection that
-  widens INT4 tiles in VMEM, bf16 MXU matmul per group, scales applied in f32. Exact.
+  widens INT4 tiles in VMEM, bf16 MXU matmul per group, scales applied in f32. Exact. FP8
+  experts (``"fp8"`` layout) take the same tiles through ``k2jax.kernels.fp8_pallas`` (FP8
+  tiles widened in VMEM, 128x128 block scales applied in f32; 1 byte per weight read).
 - ``"naive"``: gather the chosen experts, dequantize ("scale then einsum"), einsum: the
   reference formulation, and the form for layouts no kernel takes (int4 off TPU, dense). It
   materializes [T, K, O, I] float32 weights (slow on the CPU), and on TPU it is the
   counter-example the tests must reject.
+
+- ``"all_experts"`` (training, the ``"float"`` layout of ``k2jax.train``'s master weights):
+  every expert over every token, weighted by the routing; dense einsums, E / K times the
+  chosen pairs' work, fine for the small expert counts trained here.
 
 Two formulations that lost were removed from the package: ``words_decode`` (gathered words,
 multiply-sum per group; kept as a counter-example in benchmarks/int4_matmul.py) and
@@ -39,18 +46,22 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from k2jax.kernels import int4_cpu, int4_pallas
+from k2jax.kernels import fp8_pallas, int4_cpu, int4_pallas
 from k2jax.kernels.platform import target_platform
 from k2jax.model.quant import ExpertWeight
 
-IMPLS = ("naive", "cpu_kernel", "words_tiled", "pallas")
+IMPLS = ("naive", "cpu_kernel", "words_tiled", "pallas", "all_experts")
 
 
 def choose_impl(w: ExpertWeight) -> str:
     """The formulation for weight ``w`` on the target platform; the one backend choice."""
     platform = target_platform()
-    if w.layout == "int4" and platform == "tpu":
+    if w.layout == "float":
+        return "all_experts"
+    if w.layout in ("int4", "fp8") and platform == "tpu":
         return "pallas"
+    if w.layout == "fp8":  # one chosen expert widened at a time (``Fp8Weight.expert``)
+        return "words_tiled"
     if w.layout == "words":
         if platform == "cpu" and int4_cpu.supports(w.group_size):
             return "cpu_kernel"
@@ -92,11 +103,14 @@ def routed_experts(
     with jax.named_scope(f"routed_experts_{impl}"):
         if impl == "pallas":
             tm = pallas_tile_rows(local_pairs(num_tokens * k, num_local, num_experts_total))
-            y_TD = _pallas(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM, tm)
+            kernel = _pallas_fp8 if gate_EMD.layout == "fp8" else _pallas
+            y_TD = kernel(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM, tm)
         elif impl == "cpu_kernel":
             y_TD = _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
         elif impl == "words_tiled":
             y_TD = _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+        elif impl == "all_experts":
+            y_TD = _all_experts(x_TD, local_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
         else:
             local_TK = jnp.where(mine_TK, local_TK, 0)
             y_TD = _naive(x_TD, local_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
@@ -122,6 +136,26 @@ def _naive(x_TD, ids_TK, weights_TK, gate, up, down):
     h_TKM = _swiglu(g, u).astype(dt)
     y_TKD = jnp.einsum("TKM,TKDM->TKD", h_TKM, _dense(down, ids_TK, dt), preferred_element_type=f32)
     return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK)
+
+
+# --- training: every expert on every token, weighted by the routing ----------------------------
+
+
+def _all_experts(x_TD, local_TK, weights_TK, gate, up, down):
+    """Each expert over all tokens, its output weighted by the tokens' mixing weight for it
+    (zero unless chosen). E / K times the work of the chosen pairs, but plain dense einsums
+    that differentiate cleanly and materialize no gathered weights; what ``k2jax.train`` runs
+    on its float master weights (small E). Other shards' choices fall outside one_hot: zero."""
+    dt = x_TD.dtype
+    f32 = jnp.float32
+    num_local = gate.num_experts
+    combine_TE = jnp.einsum(
+        "TKE,TK->TE", jax.nn.one_hot(local_TK, num_local, dtype=f32), weights_TK
+    )
+    g = jnp.einsum("TD,EMD->TEM", x_TD, gate.dequantize(dt), preferred_element_type=f32)
+    u = jnp.einsum("TD,EMD->TEM", x_TD, up.dequantize(dt), preferred_element_type=f32)
+    h_TEM = (_swiglu(g, u) * combine_TE[..., None]).astype(dt)
+    return jnp.einsum("TEM,EDM->TD", h_TEM, down.dequantize(dt), preferred_element_type=f32)
 
 
 # --- CPU: the fused INT4 kernel (k2jax/kernels/csrc/int4_matvec.cc) ---------------------------
@@ -239,6 +273,7 @@ def pallas_reads(
     inter: int,
     group_size=32,
     num_total: int | None = None,
+    layout: str = "int4",
 ) -> dict[str, int]:
     """HBM bytes one device's Pallas kernels copy for one MoE layer (gate, up, down), counted:
     ``{"activations", "values", "scales", "total"}``.
@@ -247,7 +282,8 @@ def pallas_reads(
     global expert chosen by each (token, choice)) for the shard holding experts
     [expert_offset, expert_offset + num_local), then counts the block copies of each call's
     pipeline with ``int4_pallas.count_copies`` (its own index maps over its grid).
-    ``num_total`` (all experts) sets the tile height as ``routed_experts`` does.
+    ``num_total`` (all experts) sets the tile height as ``routed_experts`` does. ``layout``
+    ``"fp8"`` counts the FP8 kernel's copies (``fp8_pallas``; "values" are its FP8 tiles).
     """
     ids = jnp.asarray(expert_ids_TK, jnp.int32)
     local_TK = ids - expert_offset
@@ -256,11 +292,14 @@ def pallas_reads(
     tiles = _tile_pairs(local_TK, mine_TK, num_local, tm)
     sums = [0, 0, 0]
     for inp, out in ((hidden, inter), (hidden, inter), (inter, hidden)):
-        plan = int4_pallas.tiling(
-            (inp // group_size, tiles.rows, group_size),
-            (num_local, inp // group_size, group_size, out),
-            tm=tm,
-        )
+        if layout == "fp8":
+            plan = fp8_pallas.tiling((tiles.rows, inp), (num_local, out, inp), tm=tm)
+        else:
+            plan = int4_pallas.tiling(
+                (inp // group_size, tiles.rows, group_size),
+                (num_local, inp // group_size, group_size, out),
+                tm=tm,
+            )
         copies = int4_pallas.count_copies(plan, tiles.tile_expert, int(tiles.num_tiles))
         for n, (c, b) in enumerate(zip(copies, plan.block_bytes, strict=True)):
             sums[n] += c * b
@@ -278,6 +317,26 @@ def _pallas(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, *, interpre
 
         return int4_pallas.grouped_int4_matmul(
             x_GRS,
+            tiles.tile_expert,
+            tiles.num_tiles.reshape(1),
+            w.values,  # a layer stack when w.layer is set: indexed in the kernel, not copied
+            w.scale,
+            tm=tm,
+            interpret=interpret,
+            layer=w.layer,
+        )
+
+    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
+
+
+def _pallas_fp8(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, *, interpret=None):
+    """The FP8 experts through ``fp8_pallas``: the same row tiles, 1 byte per weight read."""
+    _require_layout("pallas", "fp8", gate, up, down)
+    act = jnp.float32 if x_TD.dtype == jnp.float32 else jnp.bfloat16
+
+    def project(x_RI, w, tiles):
+        return fp8_pallas.grouped_fp8_matmul(
+            x_RI.astype(act),
             tiles.tile_expert,
             tiles.num_tiles.reshape(1),
             w.values,  # a layer stack when w.layer is set: indexed in the kernel, not copied

@@ -104,8 +104,11 @@ class Experts(nn.Module):
         if self.is_initializing():
             return self._int4(name, out, inp, axes)
         params = self.variables["params"]
-        weight_cls = LAYOUTS[layout_of(params)]
-        return weight_cls.from_params(params, name, self.cfg.quantization.group_size, stack_index)
+        layout = layout_of(params)
+        group = self.cfg.quantization.group_size
+        if layout == "float":  # training's master weights: fake-quantized iff the experts are INT4
+            group = group if self.cfg.quantization.kind == "int4" else 0
+        return LAYOUTS[layout].from_params(params, name, group, stack_index)
 
     @nn.compact
     def __call__(self, x_TD, ids_TK, weights_TK, expert_offset=0, batch=1, stack_index=None):
@@ -219,6 +222,9 @@ class MoE(nn.Module):
             nn.initializers.zeros,
         )
         x_TD = x_BTD.reshape(b * t, d).astype(self.dtype)
+        # Training reads the router's input back (apply(..., mutable="intermediates")) for the
+        # expert load and the balance loss; a no-op otherwise.
+        self.sow("intermediates", "router_input", x_TD)
         with jax.named_scope("router"):
             ids_TK, weights_TK = route(c, x_TD, w_router, bias)
         with jax.named_scope("routed_experts"):

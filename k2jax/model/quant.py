@@ -15,7 +15,11 @@ then layer ``layer`` of it. The model passes its routed experts this way so the 
 CPU's tile loop) index the chosen experts in place; a scan's per-layer slice feeding a custom
 call or an inner loop would be materialized, copying every expert of the layer each step.
 
-Both are registered pytrees, so stacks slice, scan, shard and checkpoint like plain arrays. The
+Two more layouts come from FP8 checkpoints (DeepSeek-V3/R1, Kimi K2 Instruct): ``Fp8Weight``
+(layout ``"fp8"``: the checkpoint's float8_e4m3fn values + float32 128x128 block scales, 1 byte
+per weight) and ``DenseWeight`` (layout ``"dense"``: widened). See docs/fp8.md.
+
+All are registered pytrees, so stacks slice, scan, shard and checkpoint like plain arrays. The
 expert matmuls that consume them live in ``k2jax.model.expert_matmul``; code asks a weight what
 it is through this interface (``layout``, ``num_experts``, ``expert``, ...), never by probing
 param names or by ``isinstance`` chains.
@@ -24,6 +28,7 @@ param names or by ``isinstance`` chains.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import ClassVar, Protocol
 
@@ -33,6 +38,13 @@ from jax.sharding import PartitionSpec
 
 from k2jax.kernels.int4_format import NIBBLES_PER_WORD, unpack_int4, words_to_int4
 from k2jax.kernels.platform import target_platform
+
+FP8_BLOCK = 128  # DeepSeek's and Kimi K2 Instruct's 128x128 scale blocks
+
+
+def fp8_scale_grid(out: int, inp: int) -> tuple[int, int]:
+    """The block-scale grid of an FP8 weight [out, inp] (ragged edge blocks included)."""
+    return -(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)
 
 
 class ExpertWeight(Protocol):
@@ -233,9 +245,102 @@ def _layer(payload: jax.Array, stacked_ndim: int, layer, proj: str):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """An FP8 weight [..., O, I] in DeepSeek's block format, as the checkpoint stores it:
+    ``values`` float8_e4m3fn [..., O, I] and ``scale`` float32 [..., 1, ceil(O/128) *
+    ceil(I/128)], the checkpoint's ``weight_scale_inv`` grid flattened row-major, so that W[o, i] =
+    values[o, i] * grid[o // 128, i // 128] (edge blocks of a dimension that is not a multiple
+    of 128 are ragged). 1 byte per weight plus 4 per 16384. Widened next to the matmul: the TPU
+    kernel ``k2jax.kernels.fp8_pallas`` reads the FP8 tiles and scales; the CPU widens one
+    chosen expert at a time.
+
+    Why this shape: TPUs lay out a small-minor array like [L, E, 16, 56] with another axis
+    minor, so a kernel operand of that shape was copied into row-major order before every call
+    (seen in the compiled HLO: ~0.1 GB per MoE layer per device for K2), and a kernel block's
+    last two dims must be the array's (or multiples of (8, 128)): [L, E, 1, 896] is stored
+    row-major and one expert's grid is one block."""
+
+    layout: ClassVar[str] = "fp8"
+
+    values: jax.Array
+    scale: jax.Array
+    layer: jax.Array | None = None
+
+    def unstacked(self) -> Fp8Weight:
+        if self.layer is None:
+            return self
+        return Fp8Weight(
+            jax.lax.dynamic_index_in_dim(self.values, self.layer, keepdims=False),
+            jax.lax.dynamic_index_in_dim(self.scale, self.layer, keepdims=False),
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape if self.layer is None else self.values.shape[1:]
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """Each value times its block's scale in float32 (DeepSeek's ``weight_dequant``), then
+        cast to ``dtype``."""
+        w = self.unstacked()
+        *lead, out, inp = w.values.shape
+        grid = w.scale.reshape(*lead, *fp8_scale_grid(out, inp))
+        s = jnp.repeat(jnp.repeat(grid, FP8_BLOCK, axis=-2), FP8_BLOCK, axis=-1)
+        return (w.values.astype(jnp.float32) * s[..., :out, :inp]).astype(dtype)
+
+    def take(self, ids: jax.Array) -> Fp8Weight:
+        w = self.unstacked()
+        return Fp8Weight(w.values[ids], w.scale[ids])
+
+    def expert(self, e: jax.Array) -> jax.Array:
+        at = (e,) if self.layer is None else (self.layer, e)
+        return Fp8Weight(self.values[at], self.scale[at]).dequantize()
+
+    def device_bytes(self) -> int:
+        return _device_bytes(self.values, self.scale)
+
+    def shard_spec(self, expert_axes: tuple[str, ...]) -> Fp8Weight:
+        spec = _stack_spec(self, expert_axes)
+        return Fp8Weight(spec, spec, None if self.layer is None else PartitionSpec())
+
+    @classmethod
+    def param_names(cls, proj: str) -> tuple[str, str]:
+        return f"{proj}_fp8", f"{proj}_block_scale"
+
+    @classmethod
+    def from_params(cls, params: Mapping, proj: str, group_size: int, layer=None):
+        del group_size  # the block is FP8_BLOCK, checked when the checkpoint is read
+        values_name, scale_name = cls.param_names(proj)
+        values = params[values_name]
+        return cls(values, params[scale_name], _layer(values, 4, layer, proj))
+
+    @classmethod
+    def param_shapes(cls, proj: str, experts: int, out: int, inp: int, dtype) -> dict:
+        del dtype  # stored as on disk
+        values_name, scale_name = cls.param_names(proj)
+        return {
+            values_name: jax.ShapeDtypeStruct((experts, out, inp), jnp.float8_e4m3fn),
+            scale_name: jax.ShapeDtypeStruct(
+                (experts, 1, math.prod(fp8_scale_grid(out, inp))), jnp.float32
+            ),
+        }
+
+    @classmethod
+    def param_axes(cls, proj: str, out: str, inp: str) -> dict:
+        """Logical axes per param (the leading layer axis of a stack excluded)."""
+        values_name, scale_name = cls.param_names(proj)
+        return {values_name: ("experts", out, inp), scale_name: ("experts", None, None)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class DenseWeight:
-    """Routed experts [E, O, I] as a plain float array: the widened baseline the INT4 layouts
-    are measured against (benchmarks, tests). No checkpoint stores it."""
+    """Routed experts [E, O, I] as a plain float array (``{proj}_dense``): FP8 checkpoints
+    loaded with ``experts="bf16"``, and the widened baseline the quantized layouts are
+    measured against (benchmarks, tests)."""
 
     layout: ClassVar[str] = "dense"
 
@@ -273,13 +378,150 @@ class DenseWeight:
             _stack_spec(self, expert_axes), None if self.layer is None else PartitionSpec()
         )
 
+    @classmethod
+    def param_names(cls, proj: str) -> tuple[str]:
+        return (f"{proj}_dense",)
+
+    @classmethod
+    def from_params(cls, params: Mapping, proj: str, group_size: int, layer=None):
+        del group_size
+        (name,) = cls.param_names(proj)
+        values = params[name]
+        return cls(values, _layer(values, 4, layer, proj))
+
+    @classmethod
+    def param_shapes(cls, proj: str, experts: int, out: int, inp: int, dtype) -> dict:
+        (name,) = cls.param_names(proj)
+        return {name: jax.ShapeDtypeStruct((experts, out, inp), dtype)}
+
+    @classmethod
+    def param_axes(cls, proj: str, out: str, inp: str) -> dict:
+        (name,) = cls.param_names(proj)
+        return {name: ("experts", out, inp)}
+
+
+def quantize_int4(w_OI: jax.Array, group_size: int = 32) -> tuple[jax.Array, jax.Array]:
+    """Round-to-nearest symmetric INT4 of a float weight [..., O, I], as compressed-tensors does
+    it: (q int8 [..., O, I] in [-8, 7], scale bf16 [..., O, I/G]).
+
+    The scale is the group's amax / 7.5 rounded to bf16; q = clip(round(w / scale), -8, 7)
+    with the bf16 scale, so q * scale (exact in float32) is what a checkpoint of these values
+    dequantizes to. An all-zero group gets compressed-tensors' scale, float32 eps (its
+    values are 0 either way).
+    """
+    *lead, out, inp = w_OI.shape
+    groups = w_OI.astype(jnp.float32).reshape(*lead, out, inp // group_size, group_size)
+    amax = jnp.max(jnp.abs(groups), axis=-1)
+    scale = jnp.where(amax > 0, amax / 7.5, jnp.finfo(jnp.float32).eps).astype(jnp.bfloat16)
+    q = jnp.clip(jnp.round(groups / scale.astype(jnp.float32)[..., None]), -8, 7)
+    return q.astype(jnp.int8).reshape(*lead, out, inp), scale
+
+
+def fake_quantize_int4(w_OI: jax.Array, group_size: int = 32, scale=None) -> jax.Array:
+    """``w`` rounded to K2's INT4 grid (float32), with a straight-through gradient.
+
+    Forward: q * scale, exactly what the packed export dequantizes to. Backward: the identity
+    for weights inside the clipping range (-8.5 * scale <= w <= 7.5 * scale: within half a
+    step of the grid's ends), zero outside; the scale is treated as a constant. ``scale``
+    (bf16 [..., O, I/G]) defaults to the round-to-nearest one of ``quantize_int4``.
+    """
+    w32 = w_OI.astype(jnp.float32)
+    if scale is None:
+        _, scale = quantize_int4(jax.lax.stop_gradient(w32), group_size)
+    *lead, out, inp = w32.shape
+    s = jax.lax.stop_gradient(scale.astype(jnp.float32))[..., None]
+    groups = w32.reshape(*lead, out, inp // group_size, group_size)
+    ratio = groups / s
+    rounded = jnp.clip(jnp.round(ratio), -8, 7) * s
+    inside = (ratio >= -8.5) & (ratio <= 7.5)
+    straight = groups + jax.lax.stop_gradient(rounded - groups)
+    out_w = jnp.where(inside, straight, jax.lax.stop_gradient(rounded))
+    return out_w.reshape(w32.shape)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FloatWeight:
+    """Routed experts [E, O, I] as float master weights (``{proj}_weight``): what
+    ``k2jax.train`` trains; never a checkpoint's layout.
+
+    With ``fake_quant_group`` set (the config's INT4 experts), ``dequantize`` rounds them to
+    K2's INT4 grid with a straight-through gradient (``fake_quantize_int4``): quantization-aware
+    training, whose forward equals the packed export's. 0 leaves them as they are (a model
+    trained without quantization).
+    """
+
+    layout: ClassVar[str] = "float"
+
+    values: jax.Array
+    fake_quant_group: int = dataclasses.field(default=0, metadata={"static": True})
+    layer: jax.Array | None = None
+
+    def unstacked(self) -> FloatWeight:
+        if self.layer is None:
+            return self
+        values = jax.lax.dynamic_index_in_dim(self.values, self.layer, keepdims=False)
+        return FloatWeight(values, self.fake_quant_group)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape if self.layer is None else self.values.shape[1:]
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        values = self.unstacked().values
+        if self.fake_quant_group:
+            values = fake_quantize_int4(values, self.fake_quant_group)
+        return values.astype(dtype)
+
+    def take(self, ids: jax.Array) -> FloatWeight:
+        return FloatWeight(self.unstacked().values[ids], self.fake_quant_group)
+
+    def expert(self, e: jax.Array) -> jax.Array:
+        at = (e,) if self.layer is None else (self.layer, e)
+        return FloatWeight(self.values[at][None], self.fake_quant_group).dequantize()[0]
+
+    def device_bytes(self) -> int:
+        return _device_bytes(self.values)
+
+    def shard_spec(self, expert_axes: tuple[str, ...]) -> FloatWeight:
+        return FloatWeight(
+            _stack_spec(self, expert_axes),
+            self.fake_quant_group,
+            None if self.layer is None else PartitionSpec(),
+        )
+
+    @classmethod
+    def param_names(cls, proj: str) -> tuple[str]:
+        return (f"{proj}_weight",)
+
+    @classmethod
+    def from_params(cls, params: Mapping, proj: str, group_size: int, layer=None):
+        """``group_size``: the fake-quantization group, 0 for none (see ``moe.Experts``)."""
+        (name,) = cls.param_names(proj)
+        values = params[name]
+        return cls(values, group_size, _layer(values, 4, layer, proj))
+
+    @classmethod
+    def param_shapes(cls, proj: str, experts: int, out: int, inp: int, dtype) -> dict:
+        del dtype  # master weights are float32
+        (name,) = cls.param_names(proj)
+        return {name: jax.ShapeDtypeStruct((experts, out, inp), jnp.float32)}
+
 
 PROJECTIONS = ("gate", "up", "down")  # each expert's three weights
 
-# The layouts a checkpoint's params can hold (DenseWeight has no param form).
-LAYOUTS: dict[str, type[QuantizedWeight] | type[Int4Weight]] = {
-    cls.layout: cls for cls in (QuantizedWeight, Int4Weight)
+# The layouts params can hold ("float" holds training's master weights, never a checkpoint's).
+LAYOUTS: dict[str, type] = {
+    cls.layout: cls for cls in (QuantizedWeight, Int4Weight, FloatWeight, Fp8Weight, DenseWeight)
 }
+# "fp8" and "dense" come only from an FP8 checkpoint's experts (k2jax.load(..., experts=), the
+# converter's --experts); the model's own init makes words, so k2jax.model.abstract_params
+# gives these their shapes through ``param_shapes``.
+CHECKPOINT_ONLY_LAYOUTS = ("fp8", "dense")
 
 
 def layout_of(expert_params: Mapping) -> str:

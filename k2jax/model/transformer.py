@@ -28,12 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from k2jax.kernels.int4_format import GROUP_SIZE, NIBBLES_PER_WORD, OFFSET
 from k2jax.model import kv_cache
 from k2jax.model.attention import MLAttention
 from k2jax.model.config import Config
 from k2jax.model.layers import MLP, RMSNorm, fan_in_init, param
 from k2jax.model.moe import MoE, mesh_axes
-from k2jax.model.quant import LAYOUTS, Int4Weight, QuantizedWeight, layout_of, to_int4_layout
+from k2jax.model.quant import (
+    CHECKPOINT_ONLY_LAYOUTS,
+    LAYOUTS,
+    FloatWeight,
+    Int4Weight,
+    QuantizedWeight,
+    layout_of,
+    quantize_int4,
+    to_int4_layout,
+)
 from k2jax.model.rope import rope_tables
 
 STACKS = ("dense_layers", "moe_layers")
@@ -165,14 +175,17 @@ _PROJECTION_AXES = {
 }
 
 
-def to_expert_layout(params: dict, layout: str) -> dict:
+def to_expert_layout(params: dict, layout: str, group_size: int = GROUP_SIZE) -> dict:
     """``params`` with the routed experts in resident ``layout``.
 
     ``"words"`` is the checkpoint's packing (``{proj}_packed`` int32 [L, E, O, I/8] +
     ``{proj}_scale`` bf16 [L, E, O, G]), what ``init_params`` and the loaders produce.
     ``"int4"`` is the TPU layout (``{proj}_values`` int4 [L, E, G, S, O] +
     ``{proj}_group_scale`` bf16 [L, E, G, O]; see ``k2jax.model.quant.Int4Weight``). Both are
-    4.5 bits per weight. Works on arrays and on ShapeDtypeStructs (via ``jax.eval_shape``).
+    4.5 bits per weight. ``"float"`` is training's float32 master weights (``{proj}_weight``
+    [L, E, O, I], ``k2jax.train``): words widen to it exactly, and it rounds back to words
+    (round to nearest, groups of ``group_size``). Works on arrays and on ShapeDtypeStructs
+    (via ``jax.eval_shape``).
     """
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert layout {layout!r} is not one of {EXPERT_LAYOUTS}")
@@ -180,15 +193,56 @@ def to_expert_layout(params: dict, layout: str) -> dict:
     current = None if experts is None else layout_of(experts)
     if current in (None, layout):
         return params
+    if layout in CHECKPOINT_ONLY_LAYOUTS or current in CHECKPOINT_ONLY_LAYOUTS:
+        raise ValueError(
+            f"experts in layout {current!r} cannot become {layout!r}: FP8 and dense experts "
+            "come from an FP8 checkpoint (k2jax.load(..., experts=...))"
+        )
     if current == "int4":
-        raise ValueError("converting int4-layout experts back to words is not supported")
+        raise ValueError(f"converting int4-layout experts to {layout} is not supported")
+    if "float" in (current, layout):
+        return _with_experts(params, _float_conversion(experts, layout, group_size))
     converted = {}
     for proj in _PROJECTION_AXES:
         words = (experts[name] for name in QuantizedWeight.param_names(proj))
         values_name, scale_name = Int4Weight.param_names(proj)
         converted[values_name], converted[scale_name] = int4_projection(*words)
-    moe = {**params["moe_layers"]["moe"], "experts": converted}
+    return _with_experts(params, converted)
+
+
+def _with_experts(params: dict, experts: dict) -> dict:
+    moe = {**params["moe_layers"]["moe"], "experts": experts}
     return {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
+
+
+def _float_conversion(experts: dict, layout: str, group_size: int) -> dict:
+    """words -> float (exact dequantization, training's master weights) or float -> words
+    (round-to-nearest INT4, ``quantize_int4``: what a trained model is exported as)."""
+    out = {}
+    for proj in _PROJECTION_AXES:
+        (float_name,) = FloatWeight.param_names(proj)
+        packed_name, scale_name = QuantizedWeight.param_names(proj)
+        if layout == "float":
+            packed, scale = experts[packed_name], experts[scale_name]
+            group = packed.shape[-1] * NIBBLES_PER_WORD // scale.shape[-1]
+            w = QuantizedWeight(packed, scale, group)
+            out[float_name] = w.dequantize(jnp.float32)
+        elif layout == "words":
+            q, scale = quantize_int4(experts[float_name], group_size)
+            out[packed_name], out[scale_name] = pack_int4(q), scale
+        else:
+            raise ValueError(f"converting float experts to {layout!r} is not supported")
+    return out
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+    """Signed INT4 values [..., O, I] into the checkpoint's int32 words [..., O, I/8] (jnp; the
+    inverse of ``k2jax.kernels.int4_format.unpack_int4``)."""
+    nibbles = (q.astype(jnp.int32) + OFFSET).astype(jnp.uint32)
+    nibbles = nibbles.reshape(*q.shape[:-1], q.shape[-1] // NIBBLES_PER_WORD, NIBBLES_PER_WORD)
+    shifts = 4 * jnp.arange(NIBBLES_PER_WORD, dtype=jnp.uint32).reshape((1,) * q.ndim + (-1,))
+    words = jnp.sum(nibbles << shifts, axis=-1, dtype=jnp.uint32)  # disjoint bits: sum == or
+    return jax.lax.bitcast_convert_type(words, jnp.int32)
 
 
 def int4_projection(packed: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -204,6 +258,12 @@ def param_axes(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "words") ->
     axes = jax.tree.map(
         lambda b: tuple(b.names), boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned)
     )
+    if expert_layout == "float" and cfg.num_moe_layers:
+        experts = axes["moe_layers"]["moe"]["experts"]
+        axes["moe_layers"]["moe"]["experts"] = {
+            FloatWeight.param_names(proj)[0]: experts[QuantizedWeight.param_names(proj)[0]]
+            for proj in _PROJECTION_AXES
+        }
     if expert_layout == "int4" and cfg.num_moe_layers:
         lead = ("layers", "experts")
         experts = {}
@@ -213,11 +273,32 @@ def param_axes(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "words") ->
             experts[values_name] = (*lead, inp, None, out)
             experts[scale_name] = (*lead, inp, out)
         axes["moe_layers"]["moe"]["experts"] = experts
+    if expert_layout in CHECKPOINT_ONLY_LAYOUTS and cfg.num_moe_layers:
+        axes["moe_layers"]["moe"]["experts"] = {
+            name: ("layers", *names)
+            for proj, (out, inp) in _PROJECTION_AXES.items()
+            for name, names in LAYOUTS[expert_layout].param_axes(proj, out, inp).items()
+        }
     return axes
 
 
 def abstract_params(cfg: Config, dtype=jnp.bfloat16, expert_layout: str = "words") -> dict:
     """ShapeDtypeStructs of every parameter, without allocating anything."""
+    if expert_layout in CHECKPOINT_ONLY_LAYOUTS:
+        shapes = abstract_params(cfg, dtype)
+        if cfg.num_moe_layers:
+            e, d, m = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+            experts = {}
+            for proj, (out, inp) in (("gate", (m, d)), ("up", (m, d)), ("down", (d, m))):
+                per_layer = LAYOUTS[expert_layout].param_shapes(proj, e, out, inp, dtype)
+                experts.update(
+                    {
+                        k: jax.ShapeDtypeStruct((cfg.num_moe_layers, *v.shape), v.dtype)
+                        for k, v in per_layer.items()
+                    }
+                )
+            shapes["moe_layers"]["moe"]["experts"] = experts
+        return shapes
     return jax.eval_shape(
         lambda: to_expert_layout(init_params(cfg, jax.random.key(0), dtype), expert_layout)
     )
