@@ -83,7 +83,7 @@ def step_time(model: Model, batch: int, context: int, iters: int = 10) -> float:
     times = []
     for i in range(iters + 2):
         t = time.perf_counter()
-        pages, seen, tok, _ = step(params, pages, seen, *args)
+        pages, seen, tok = step(params, pages, seen, *args)  # tok: the packed step output
         tok.block_until_ready()
         if i >= 2:
             times.append(time.perf_counter() - t)

@@ -8,12 +8,20 @@ import time
 import tracemalloc
 from typing import Literal
 
+import jax
 import pytest
 from k2_tokenizer_fixture import K2_FIRST_SPECIAL_ID, generated_ids, k2_test_tokenizer
 
+from k2jax import default_model
+from k2jax import model as k2model
 from k2jax.chat import Agent, render, render_text, schema_from_signature
 from k2jax.chat.agent import make_tool
 from k2jax.chat.cli import add_chat_arguments, run_chat
+from k2jax.model.config import Config
+from k2jax.serving.loaded_model import Model
+from k2jax.serving.options import EngineConfig
+from k2jax.serving.persistent_engine import EngineRequest, PersistentEngine
+from k2jax.serving.sampling import SamplingParams
 
 
 def tool_call_turn(reasoning, *calls):
@@ -56,6 +64,58 @@ class ScriptedModel:
             yield [(0, token_id)]
             if token_id in (stop_token_ids or ()):
                 return
+
+
+class EngineScriptedModel(ScriptedModel):
+    """A ScriptedModel whose every prompt is first prefilled by a real persistent engine (with
+    the prefix cache) over a tiny random model with K2's vocabulary size, one token generated.
+    The model is random, so the turn it streams back is the scripted one; the engine's work per
+    turn is recorded: prefill tokens computed and prompt tokens served from the cache."""
+
+    def __init__(self, turns, engine, check_prompt=None):
+        super().__init__(turns, check_prompt)
+        self.engine = engine
+        self.prompt_lengths: list[int] = []
+        self.computed: list[int] = []
+        self.cached: list[int] = []
+
+    def generate_stream(self, prompts, max_new_tokens, options):
+        before = self.engine.stats().prefill_tokens_computed
+        handle = self.engine.submit(
+            EngineRequest(tuple(prompts[0]), 1, SamplingParams(temperature=0.0), ())
+        )
+        assert len(list(handle)) == 1
+        self.prompt_lengths.append(len(prompts[0]))
+        self.computed.append(self.engine.stats().prefill_tokens_computed - before)
+        self.cached.append(handle.cached_tokens)
+        yield from super().generate_stream(prompts, max_new_tokens, options)
+
+
+def tiny_k2_vocab_model() -> Model:
+    """A random 2-layer model (1 dense, 1 MoE) over K2's 163,840 ids and a 32K context."""
+    raw = dict(
+        default_model.HF_CONFIG,
+        vocab_size=K2_FIRST_SPECIAL_ID + 256,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=32768,
+        rope_scaling=dict(default_model.HF_CONFIG["rope_scaling"], factor=128.0),
+    )
+    cfg = Config.from_hf(raw)
+    init = jax.jit(lambda k: k2model.init_params(cfg, k, jax.numpy.float32))
+    params = init.lower(jax.random.key(0)).compile(default_model.FAST_COMPILE)(jax.random.key(0))
+    return Model(cfg, params, jax.numpy.float32)
 
 
 def add(a: int, b: int) -> int:
@@ -143,8 +203,21 @@ def test_one_tool_round_then_answer():
     assert '"name":"add"' in expected_prompt
 
 
-def test_300_consecutive_tool_calls_with_bounded_memory():
+def test_300_consecutive_tool_calls_with_bounded_memory_and_proportional_prefill():
+    """300 tool calls in one chain, every prompt prefilled by the persistent engine with the
+    prefix cache: each turn computes only its new tokens (plus the previous prompt's last
+    partial page), never the whole conversation again."""
     tokenizer = k2_test_tokenizer()
+    engine_config = EngineConfig(
+        max_batch=1,
+        page_size=16,
+        prefill_chunk=128,
+        num_pages=1 + 32768 // 16,
+        min_context_bucket=4096,  # a 4-rung width ladder: 4 programs to compile, not 10
+        compiler_options=default_model.FAST_COMPILE,
+    )
+    engine = PersistentEngine(tiny_k2_vocab_model(), engine_config, warmup=False)
+    engine.start()
     count = 300
     turns = [
         tool_call_turn(f"step {i}", (f"functions.record:{i}", json.dumps({"n": i})))
@@ -172,7 +245,7 @@ def test_300_consecutive_tool_calls_with_bounded_memory():
             gc.collect()
             traced[step] = tracemalloc.get_traced_memory()[0]
 
-    model = ScriptedModel(turns, check_prompt)
+    model = EngineScriptedModel(turns, engine, check_prompt)
     agent = Agent(
         model,
         {"record": lambda n: f"value {n}"},
@@ -184,6 +257,7 @@ def test_300_consecutive_tool_calls_with_bounded_memory():
         result = agent.run("Record 300 values.")
     finally:
         tracemalloc.stop()
+        engine.close()
     assert (result.stop_reason, result.tool_calls, model.calls) == ("answer", count, count + 1)
     tool_messages = [m for m in agent.messages if m["role"] == "tool"]
     assert [m["content"] for m in tool_messages] == [f"value {i}" for i in range(count)]
@@ -192,6 +266,16 @@ def test_300_consecutive_tool_calls_with_bounded_memory():
     # step's prompt tokens instead would add well over 50 MB.
     growth = traced[count] - traced[50]
     assert growth < 6_000_000, growth
+    # Prefill work per turn: the new tokens since the previous prompt, plus at most the part of
+    # the previous prompt past its last full page (a partial page is never cached).
+    lengths, computed, cached = model.prompt_lengths, model.computed, model.cached
+    assert lengths[-1] > 20_000 and computed[0] == lengths[0] and cached[0] == 0
+    for turn in range(1, count + 1):
+        new = lengths[turn] - lengths[turn - 1]
+        assert new <= computed[turn] <= new + 15, (turn, new, computed[turn])
+        assert cached[turn] + computed[turn] == lengths[turn], turn
+    assert sum(computed) < 2 * lengths[-1]  # a re-prefill per turn would be ~150x that
+    assert engine.all_pages_free_or_cached()
 
 
 def test_raising_tool_unknown_tool_and_invalid_arguments_become_error_results():

@@ -1,25 +1,32 @@
-"""The continuous-batching decode engine: requests in, tokens out as they are produced.
+"""The continuous-batching decode engine: its step program and the scheduling both engines share.
 
-Host side, the engine keeps a fixed number of batch slots, a queue of waiting requests, a
+Host side, a ``Scheduler`` keeps a fixed number of batch slots, a queue of waiting sequences, a
 ``PageAllocator`` and each sequence's progress; device side, one jitted step function runs the
-model over the paged latent cache and samples the next token of every row.
+model over the paged latent cache and samples the next token of every row. Two engines drive a
+``Scheduler``: the batch ``Engine.run`` here (a fresh pool per call, programs compiled by
+``jit`` as shapes appear) and the long-lived ``PersistentEngine``
+(``k2jax.serving.persistent_engine``: one pool, programs compiled at start-up for a fixed set of
+buckets, requests admitted and retired between steps from a background thread), which
+``Model.generate`` / ``generate_stream`` and the agent run on.
 
 One step feeds every active row the tokens it has not cached yet: a row still prefilling feeds
 up to ``prefill_chunk`` of them, a decoding row feeds its last token. The step's token axis is
 ``prefill_chunk`` when any row is prefilling and 1 otherwise, so a decoding row rides along in a
 prefill step (padded) instead of waiting. A row whose fed tokens reach the end of its sequence
 emits a token. Attention in a step is [T x S] for the cached positions S of a row, never the
-whole prompt's [S x S] at once.
+whole prompt's [S x S] at once. With the prefix cache, a sequence starts with the cached pages
+of its longest cached prefix and feeds only the rest (at least its last token).
 
 Shapes are bucketed so new prompt lengths do not recompile: the batch axis is the slot count,
 the token axis is 1 or ``prefill_chunk``, and the block-table width is the next power of two of
 the widest row (at least ``min_context_bucket`` tokens' worth). The page pool and the table of
-seen tokens are donated to the step, so XLA updates them in place.
+seen tokens are donated to the step, so XLA updates them in place. The step returns its tokens,
+logprobs and top logprobs packed in one int32 array: one device-to-host transfer per step.
 
-When a row needs a page and none is free, the youngest running sequence is preempted: its pages
-go back to the free list and it rejoins the front of the queue, to be recomputed from its prompt
-and the tokens it already produced. Per-request seeds make the recomputed run draw the same
-tokens. With ``preempt=False`` the engine raises ``OutOfPages`` instead.
+When a row needs a page and none is available, the youngest running sequence is preempted: its
+pages are let go and it rejoins the front of the queue, to be recomputed from its prompt and the
+tokens it already produced. Per-request seeds make the recomputed run draw the same tokens. With
+``preempt=False`` the engine raises ``OutOfPages`` instead.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import collections
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,19 +48,21 @@ from k2jax.kernels.platform import target_override
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
 from k2jax.serving import placement, sampling
-from k2jax.serving.options import EngineConfig, GenerateOptions
-from k2jax.serving.page_allocator import OutOfPages, PageAllocator, pages_for
-from k2jax.serving.sampling import SamplingParams
+from k2jax.serving.options import EngineConfig, GenerateOptions  # noqa: F401  (re-exported)
+from k2jax.serving.page_allocator import OutOfPages, PageAllocator, RequestTooLarge, pages_for
+from k2jax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt to continue. ``stop_token_ids=None`` stops at the config's eos token."""
+    """One prompt to continue. ``stop_token_ids=None`` stops at the config's eos token;
+    ``top_logprobs`` (0..20) alternatives are reported with each token."""
 
     prompt: tuple[int, ...]
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop_token_ids: tuple[int, ...] | None = None
+    top_logprobs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +73,21 @@ class TokenEvent:
     token: int
     logprob: float | None
     finished: bool
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop" (a stop token) | "length" | None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity (queue removal)
 class _Sequence:
-    index: int
+    key: Hashable  # the allocator's name for it
     request: Request
     stops: frozenset[int]
+    sink: Any = None  # who receives its tokens (the persistent engine's consumer)
     generated: list[int] = dataclasses.field(default_factory=list)
     cached: int = 0  # leading tokens whose latents are in the cache
+    prefill_end: int = 0  # tokens it held at admission: feeding below this is prefill work
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
+    looked_up: bool = False
     slot: int | None = None
     admitted: int = -1  # admission counter: the largest is the youngest
 
@@ -84,6 +100,24 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def width_bucket(table_pages: int, ec: EngineConfig) -> int:
+    """The block-table width of a step whose widest row holds ``table_pages`` pages."""
+    floor = pages_for(ec.min_context_bucket, ec.page_size)
+    return _next_pow2(max(table_pages, floor))
+
+
+def width_ladder(max_table_pages: int, ec: EngineConfig) -> list[int]:
+    """Every width ``width_bucket`` can give for rows of at most ``max_table_pages`` pages."""
+    widths = [width_bucket(1, ec)]
+    while widths[-1] < width_bucket(max_table_pages, ec):
+        widths.append(widths[-1] * 2)
+    return widths
+
+
+def top_logprobs_width(vocab_size: int) -> int:
+    return min(MAX_TOP_LOGPROBS, vocab_size)
+
+
 @functools.lru_cache(maxsize=16)
 def _step_fn(
     cfg: Config,
@@ -93,7 +127,12 @@ def _step_fn(
     target=None,
     mesh=None,
 ):
-    """The jitted engine step for one model; jit's own cache holds one program per shape."""
+    """The jitted engine step for one model; jit's own cache holds one program per shape.
+
+    Returns ``(pages, seen, out)``, ``out`` int32 [B, 2 + 2k]: the sampled token, its logprob
+    (float32 bits), then the top-k ids and their logprobs (float32 bits); see
+    ``unpack_step_output``.
+    """
 
     def step(params, pages, seen_BV, tokens_BT, positions_BT, tables_BP, last_B, emit_B, step_B, s):
         cache = kv_cache.PagedCache(pages, tables_BP)
@@ -105,10 +144,18 @@ def _step_fn(
         x_B1D = x_BTD[rows_B, last_B][:, None]
         logits_BV = k2model.lm_logits(params, x_B1D, cfg=cfg, dtype=dtype)[:, 0]
         tokens_B, logprobs_B = sampling.sample(logits_BV, seen_BV, step_B, s)
+        top_ids_Bk, top_lps_Bk = sampling.top_logprobs(logits_BV, s)
         old_B = seen_BV[rows_B, tokens_B]
         new_B = jnp.where(emit_B, old_B | sampling.SEEN_IN_OUTPUT, old_B).astype(seen_BV.dtype)
         seen_BV = seen_BV.at[rows_B, tokens_B].set(new_B)
-        return pages, seen_BV, tokens_B, logprobs_B
+
+        def bits(x):
+            return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+        out = jnp.concatenate(
+            [tokens_B[:, None], bits(logprobs_B)[:, None], top_ids_Bk, bits(top_lps_Bk)], axis=1
+        )
+        return pages, seen_BV, out
 
     del target  # a cache key only: the trace reads it through target_platform()
     options = dict(compiler_options) if compiler_options else None
@@ -118,13 +165,30 @@ def _step_fn(
     return jax.jit(step, donate_argnums=(1, 2), compiler_options=options, out_shardings=out)
 
 
+def unpack_step_output(out: np.ndarray):
+    """(tokens [B], logprobs [B], top ids [B, k], top logprobs [B, k]) from a step's ``out``."""
+    out = np.ascontiguousarray(out, np.int32)
+    k = (out.shape[1] - 2) // 2
+    return (
+        out[:, 0],
+        out[:, 1].view(np.float32),
+        out[:, 2 : 2 + k],
+        out[:, 2 + k :].view(np.float32),
+    )
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_row(seen_BV, slot, row_V):
     return seen_BV.at[slot].set(row_V)
 
 
 class Engine:
-    """Runs requests through one model with continuous batching over a paged latent cache."""
+    """Runs requests through one model with continuous batching over a paged latent cache.
+
+    ``run`` is the batch form (a fresh pool per call). The pieces both engines need (the params
+    in the step's form, the step function, pool creation, validation, the mesh context) live
+    here; ``PersistentEngine`` holds one ``Engine`` for them.
+    """
 
     def __init__(
         self,
@@ -139,7 +203,7 @@ class Engine:
     ):
         self.cfg = cfg
         devices = {d for leaf in jax.tree.leaves(params) for d in leaf.devices()}
-        # The params' one device (None when they span several): run() commits its pool there.
+        # The params' one device (None when they span several): pools are committed there.
         self._device = devices.pop() if len(devices) == 1 else None
         # On one CPU device the layers run unrolled over per-layer views of the stacks, so no
         # step copies weights out of a stack (see k2jax.model.unstack_layers).
@@ -178,6 +242,31 @@ class Engine:
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
 
+    def page_bytes(self) -> int:
+        """Device bytes of one cache page (every layer), per device holding the pool."""
+        cfg, ec = self.cfg, self.engine_cfg
+        return cfg.num_layers * ec.page_size * cfg.cache_width * self.cache_dtype.itemsize
+
+    def new_state(self, num_pages: int, slots: int):
+        """A zeroed page pool [L, P, S_page, W] and seen-token table [slots, V], placed where
+        the step's outputs come back (the params' device, or replicated on the mesh), so the
+        first call's program is the one every later call reuses."""
+        ec, cfg = self.engine_cfg, self.cfg
+        pool_shape = (cfg.num_layers, num_pages, ec.page_size, cfg.cache_width)
+
+        def new_pool():
+            return kv_cache.empty_pages(*pool_shape, self.cache_dtype)
+
+        seen = np.zeros((slots, cfg.vocab_size), np.int8)
+        if self.mesh is not None:
+            pages = jax.jit(new_pool, out_shardings=placement.replicated(self.mesh))()
+            return pages, self._put(seen)
+        pages, seen = new_pool(), jnp.asarray(seen)
+        if self._device is not None:
+            device = jax.sharding.SingleDeviceSharding(self._device)
+            pages, seen = jax.device_put((pages, seen), device)
+        return pages, seen
+
     def validate(self, r: Request) -> None:
         """ValueError naming what is wrong with request ``r`` for this model."""
         if not r.prompt:
@@ -195,6 +284,33 @@ class Engine:
                 f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds "
                 f"the model's max_position_embeddings ({self.cfg.max_position_embeddings})"
             )
+        top = r.top_logprobs
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}"
+            )
+        if r.stop_token_ids is not None and not all(
+            isinstance(t, int | np.integer) and not isinstance(t, bool) for t in r.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be integers, got {list(r.stop_token_ids)!r}")
+
+    def check_fits(self, r: Request, num_pages: int, name: str = "request") -> None:
+        """``RequestTooLarge`` (an ``OutOfPages`` and a ``ValueError``) when ``r`` alone could
+        not fit in a pool of ``num_pages`` pages."""
+        ec = self.engine_cfg
+        # The last new token is never fed back, so it needs no cache position.
+        need = pages_for(len(r.prompt) + r.max_new_tokens - 1, ec.page_size)
+        if r.max_new_tokens and need > num_pages - 1:
+            raise RequestTooLarge(
+                f"{name} needs {need} pages of {ec.page_size} tokens ({len(r.prompt)} prompt + "
+                f"{r.max_new_tokens} new), but the pool has only {num_pages - 1} usable pages: "
+                "raise num_pages or page_size"
+            )
+
+    def sequence(self, key: Hashable, r: Request, sink: Any = None) -> _Sequence:
+        eos = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
+        stops = frozenset(eos if r.stop_token_ids is None else r.stop_token_ids)
+        return _Sequence(key, r, stops, sink)
 
     def _pool_pages(self, requests: Sequence[Request], slots: int) -> int:
         if self.engine_cfg.num_pages is not None:
@@ -223,208 +339,195 @@ class Engine:
         if not live:
             return
         slots = min(ec.max_batch, _next_pow2(len(live)))
-        alloc = PageAllocator(self._pool_pages(live, slots), ec.page_size)
+        alloc = PageAllocator(self._pool_pages(live, slots), ec.page_size, ec.prefix_cache)
         for i, r in enumerate(requests):
-            # The last new token is never fed back, so it needs no cache position.
-            need = len(r.prompt) + r.max_new_tokens - 1
-            if r.max_new_tokens and pages_for(need, ec.page_size) > alloc.num_pages - 1:
-                raise OutOfPages(
-                    f"request {i} needs {pages_for(need, ec.page_size)} pages of {ec.page_size} "
-                    f"tokens ({len(r.prompt)} prompt + {r.max_new_tokens} new), but the pool has "
-                    f"only {alloc.num_pages - 1} usable pages: raise num_pages or page_size"
-                )
-        eos = () if self.cfg.eos_token_id is None else (self.cfg.eos_token_id,)
-        waiting = collections.deque(
-            _Sequence(i, r, frozenset(eos if r.stop_token_ids is None else r.stop_token_ids))
-            for i, r in enumerate(requests)
-            if r.max_new_tokens > 0
-        )
-        running: list[_Sequence | None] = [None] * slots
-        pool_shape = (self.cfg.num_layers, alloc.num_pages, ec.page_size, self.cfg.cache_width)
+            self.check_fits(r, alloc.num_pages, f"request {i}")
+        scheduler = Scheduler(self, slots, alloc, lambda chunk, width: self._step)
+        for i, r in enumerate(requests):
+            if r.max_new_tokens > 0:
+                scheduler.add(self.sequence(i, r))
+        while scheduler.has_work():
+            produced = scheduler.step()
+            if produced:
+                yield [event for _, event in produced]
 
-        def new_pool():
-            return kv_cache.empty_pages(*pool_shape, self.cache_dtype)
 
-        seen = np.zeros((slots, self.cfg.vocab_size), np.int8)
-        # Step outputs come back committed to the params' device (or replicated on the mesh);
-        # placing the fresh pool and table alike keeps the first call's program the one every
-        # later call reuses.
-        if self.mesh is not None:
-            pages = jax.jit(new_pool, out_shardings=placement.replicated(self.mesh))()
-            seen = self._put(seen)
-        else:
-            pages, seen = new_pool(), jnp.asarray(seen)
-            if self._device is not None:
-                device = jax.sharding.SingleDeviceSharding(self._device)
-                pages, seen = jax.device_put((pages, seen), device)
-        admissions = 0
+class Scheduler:
+    """One pool's slots, queue and pages, stepped by an engine between its admissions.
 
-        def preempt(victim: _Sequence) -> None:
-            if not ec.preempt:
-                raise OutOfPages(
-                    f"the page pool ({alloc.num_pages - 1} usable pages of {ec.page_size} "
-                    "tokens) is exhausted and preemption is disabled: raise num_pages, lower "
-                    "max_batch, or enable preemption"
-                )
-            alloc.free(victim.index)
-            running[victim.slot] = None
-            victim.slot, victim.cached = None, 0
-            waiting.appendleft(victim)
-            self.num_preemptions += 1
+    ``program(chunk, width)`` gives the step program for a token axis and block-table width.
+    ``step`` admits waiting sequences into free slots, grows tables (preempting the youngest
+    when the pool runs out), runs one program, reads its output once, and retires finished
+    sequences; it returns each emitted ``(sequence, TokenEvent)``.
+    """
 
-        while waiting or any(running):
-            # Admit waiting sequences into free slots while their whole prefill fits.
-            for slot in range(slots):
-                if running[slot] is not None or not waiting:
-                    continue
-                seq = waiting[0]
-                if alloc.needed(seq.index, len(seq.tokens)) > alloc.num_free:
-                    break
-                waiting.popleft()
-                seq.slot, seq.admitted = slot, admissions
-                admissions += 1
-                running[slot] = seq
-                row = np.zeros((self.cfg.vocab_size,), np.int8)
-                row[list(seq.request.prompt)] = sampling.SEEN_IN_PROMPT
-                row[seq.generated] |= sampling.SEEN_IN_OUTPUT
-                seen = _set_row(seen, *self._put((np.int32(slot), row)))
+    def __init__(
+        self,
+        engine: Engine,
+        slots: int,
+        alloc: PageAllocator,
+        program: Callable[[int, int], Callable],
+    ):
+        self.engine, self.slots, self.alloc = engine, slots, alloc
+        self._program = program
+        self.pages, self.seen = engine.new_state(alloc.num_pages, slots)
+        self.waiting: collections.deque[_Sequence] = collections.deque()
+        self.running: list[_Sequence | None] = [None] * slots
+        self._admissions = 0
+        # Cumulative counters (prompt tokens).
+        self.prefill_tokens_computed = 0
+        self.prefix_hit_tokens = 0
+        self.prefix_lookup_tokens = 0
 
-            active = [s for s in running if s is not None]
-            chunk = ec.prefill_chunk if any(len(s.tokens) - s.cached > 1 for s in active) else 1
-            # Oldest first: they get pages before the youngest is considered for preemption.
-            for seq in sorted(active, key=lambda s: s.admitted):
-                if seq.slot is None:
-                    continue
-                feed = min(chunk, len(seq.tokens) - seq.cached)
-                while True:
-                    try:
-                        alloc.ensure(seq.index, seq.cached + feed)
-                        break
-                    except OutOfPages:
-                        others = [s for s in running if s is not None]
-                        victim = max(others, key=lambda s: s.admitted)
-                        if victim is seq and len(others) == 1:
-                            raise  # cannot happen for a validated request; kept as a guard
-                        preempt(victim)
-                        if victim is seq:
-                            break
-            active = [s for s in running if s is not None]
-            if not active:
+    def add(self, seq: _Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.running)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self.running)
+
+    def drop(self, seq: _Sequence) -> None:
+        """Forget ``seq`` (cancelled): out of the queue or its slot, its pages let go."""
+        if seq.slot is not None:
+            self.running[seq.slot] = None
+            seq.slot = None
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.alloc.free(seq.key)
+
+    def _admit(self) -> None:
+        """Admit waiting sequences into free slots while their whole prefill fits."""
+        ec, alloc = self.engine.engine_cfg, self.alloc
+        for slot in range(self.slots):
+            if self.running[slot] is not None or not self.waiting:
                 continue
+            seq = self.waiting[0]
+            tokens = seq.tokens
+            hits, digests = alloc.cached_prefix(tokens)
+            if not alloc.fits(hits, len(tokens)):
+                break
+            self.waiting.popleft()
+            alloc.start(seq.key, hits, digests)
+            seq.cached, seq.prefill_end = len(hits) * ec.page_size, len(tokens)
+            if not seq.generated:
+                seq.cached_tokens = seq.cached
+            if not seq.looked_up:
+                seq.looked_up = True
+                self.prefix_lookup_tokens += len(seq.request.prompt)
+                self.prefix_hit_tokens += seq.cached
+            seq.slot, seq.admitted = slot, self._admissions
+            self._admissions += 1
+            self.running[slot] = seq
+            row = np.zeros((self.engine.cfg.vocab_size,), np.int8)
+            row[list(seq.request.prompt)] = sampling.SEEN_IN_PROMPT
+            row[seq.generated] |= sampling.SEEN_IN_OUTPUT
+            self.seen = _set_row(self.seen, *self.engine._put((np.int32(slot), row)))
 
-            width_tokens = max(len(alloc.pages(s.index)) for s in active) * ec.page_size
-            width = pages_for(max(width_tokens, ec.min_context_bucket), ec.page_size)
-            width = _next_pow2(width)
-            tokens = np.zeros((slots, chunk), np.int32)
-            positions = np.full((slots, chunk), -1, np.int32)
-            tables = np.zeros((slots, width), np.int32)
-            last = np.zeros((slots,), np.int32)
-            emit = np.zeros((slots,), bool)
-            step = np.zeros((slots,), np.int32)
-            params_rows = [SamplingParams(temperature=0.0)] * slots
-            for seq in active:
-                b, toks = seq.slot, seq.tokens
-                feed = min(chunk, len(toks) - seq.cached)
-                tokens[b, :feed] = toks[seq.cached : seq.cached + feed]
-                positions[b, :feed] = np.arange(seq.cached, seq.cached + feed)
-                tables[b] = alloc.block_table(seq.index, width)
-                last[b] = feed - 1
-                emit[b] = seq.cached + feed == len(toks)
-                step[b] = len(seq.generated)
-                params_rows[b] = seq.request.sampling
-                seq.cached += feed
-            with self._context():
-                inputs = (tokens, positions, tables, last, emit, step)
-                batch_sampling = sampling.BatchSampling.from_params(params_rows)
-                pages, seen, next_B, logprobs_B = self._step(
-                    self.params, pages, seen, *self._put((*inputs, batch_sampling))
-                )
-            next_B, logprobs_B = np.asarray(next_B), np.asarray(logprobs_B)
+    def _preempt(self, victim: _Sequence) -> None:
+        ec, alloc = self.engine.engine_cfg, self.alloc
+        if not ec.preempt:
+            raise OutOfPages(
+                f"the page pool ({alloc.num_pages - 1} usable pages of {ec.page_size} "
+                "tokens) is exhausted and preemption is disabled: raise num_pages, lower "
+                "max_batch, or enable preemption"
+            )
+        alloc.free(victim.key)
+        self.running[victim.slot] = None
+        victim.slot, victim.cached = None, 0
+        self.waiting.appendleft(victim)
+        self.engine.num_preemptions += 1
 
-            events = []
-            for seq in active:
-                b = seq.slot
-                if not emit[b]:
-                    continue
-                token = int(next_B[b])
-                seq.generated.append(token)
-                done = token in seq.stops or len(seq.generated) >= seq.request.max_new_tokens
-                lp = float(logprobs_B[b]) if seq.request.sampling.logprobs else None
-                events.append(TokenEvent(seq.index, token, lp, done))
-                if done:
-                    alloc.free(seq.index)
-                    running[b] = None
-            if events:
-                yield events
+    def step(self) -> list[tuple[_Sequence, TokenEvent]]:
+        engine, alloc = self.engine, self.alloc
+        ec = engine.engine_cfg
+        self._admit()
+        active = [s for s in self.running if s is not None]
+        if not active:
+            return []
+        tokens_of = {id(s): s.tokens for s in active}
+        prefilling = any(len(tokens_of[id(s)]) - s.cached > 1 for s in active)
+        chunk = ec.prefill_chunk if prefilling else 1
+        # Oldest first: they get pages before the youngest is considered for preemption.
+        for seq in sorted(active, key=lambda s: s.admitted):
+            if seq.slot is None:
+                continue
+            feed = min(chunk, len(tokens_of[id(seq)]) - seq.cached)
+            while True:
+                try:
+                    alloc.ensure(seq.key, seq.cached + feed)
+                    break
+                except OutOfPages:
+                    others = [s for s in self.running if s is not None]
+                    victim = max(others, key=lambda s: s.admitted)
+                    if victim is seq and len(others) == 1:
+                        raise  # cannot happen for a validated request; kept as a guard
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+        active = [s for s in self.running if s is not None]
+        if not active:
+            return []
 
+        slots = self.slots
+        width = width_bucket(max(len(alloc.pages(s.key)) for s in active), ec)
+        tokens = np.zeros((slots, chunk), np.int32)
+        positions = np.full((slots, chunk), -1, np.int32)
+        tables = np.zeros((slots, width), np.int32)
+        last = np.zeros((slots,), np.int32)
+        emit = np.zeros((slots,), bool)
+        step = np.zeros((slots,), np.int32)
+        params_rows = [SamplingParams(temperature=0.0)] * slots
+        top_rows = [0] * slots
+        for seq in active:
+            b, toks = seq.slot, tokens_of[id(seq)]
+            feed = min(chunk, len(toks) - seq.cached)
+            tokens[b, :feed] = toks[seq.cached : seq.cached + feed]
+            positions[b, :feed] = np.arange(seq.cached, seq.cached + feed)
+            tables[b] = alloc.block_table(seq.key, width)
+            last[b] = feed - 1
+            emit[b] = seq.cached + feed == len(toks)
+            step[b] = len(seq.generated)
+            params_rows[b] = seq.request.sampling
+            top_rows[b] = seq.request.top_logprobs
+            self.prefill_tokens_computed += max(
+                0, min(seq.cached + feed, seq.prefill_end) - seq.cached
+            )
+            seq.cached += feed
+        with engine._context():
+            inputs = (tokens, positions, tables, last, emit, step)
+            batch_sampling = sampling.BatchSampling.from_params(params_rows, top_rows)
+            program = self._program(chunk, width)
+            self.pages, self.seen, out = program(
+                engine.params, self.pages, self.seen, *engine._put((*inputs, batch_sampling))
+            )
+        # The one device-to-host transfer of the step.
+        next_B, logprobs_B, top_ids_Bk, top_lps_Bk = unpack_step_output(np.asarray(out))
 
-def _requests(model, prompts, max_new_tokens, options: GenerateOptions) -> list[Request]:
-    if isinstance(prompts, np.ndarray | jax.Array):
-        prompts = np.asarray(prompts).tolist()
-    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
-    if not all(isinstance(p, Sequence | np.ndarray) and not isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a list of token-id lists, e.g. [[1, 2, 3]]")
-    for i, p in enumerate(prompts):
-        for t in p:
-            if not _is_token_id(t):
-                raise ValueError(
-                    f"prompt {i}: token ids must be integers, got {t!r} ({type(t).__name__})"
-                )
-    return [
-        Request(
-            prompt=tuple(int(t) for t in p),
-            max_new_tokens=max_new_tokens,
-            sampling=options.sampling_for(i),
-            stop_token_ids=options.stop_token_ids,
-        )
-        for i, p in enumerate(prompts)
-    ]
-
-
-def _is_token_id(t) -> bool:
-    return isinstance(t, int | np.integer) and not isinstance(t, bool | np.bool_)
-
-
-def _engine(model, options: GenerateOptions) -> Engine:
-    return Engine(
-        model.config,
-        model.params,
-        model.dtype,
-        options.engine,
-        mesh=getattr(model, "mesh", None),
-        rules=getattr(model, "rules", ()),
-    )
-
-
-def generate_stream(model, prompts, max_new_tokens, options: GenerateOptions):
-    """``Model.generate_stream``: per-step lists of (prompt_index, token[, logprob]).
-
-    Prompts and options are checked here, at call time, not at the first iteration."""
-    requests = _requests(model, prompts, max_new_tokens, options)
-    engine = _engine(model, options)
-    for r in requests:
-        engine.validate(r)
-    with_logprobs = options.sampling.logprobs
-
-    def stream():
-        for events in engine.run(requests):
-            if with_logprobs:
-                yield [(e.index, e.token, e.logprob) for e in events]
-            else:
-                yield [(e.index, e.token) for e in events]
-
-    return stream()
-
-
-def generate(model, prompts, max_new_tokens, options: GenerateOptions):
-    """``Model.generate``: the new tokens of every prompt (and their logprobs on request)."""
-    with_logprobs = options.sampling.logprobs
-    tokens: list[list[int]] = [[] for _ in prompts]
-    logprobs: list[list[float]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens, options):
-        for index, token, *lp in step:
-            tokens[index].append(token)
-            if with_logprobs:
-                logprobs[index].append(lp[0])
-    return (tokens, logprobs) if with_logprobs else tokens
+        produced = []
+        for seq in active:
+            if alloc.cache is not None:
+                alloc.name_full_pages(seq.key, tokens_of[id(seq)], seq.cached)
+            b = seq.slot
+            if not emit[b]:
+                continue
+            token = int(next_B[b])
+            seq.generated.append(token)
+            r = seq.request
+            stopped = token in seq.stops
+            done = stopped or len(seq.generated) >= r.max_new_tokens
+            lp = float(logprobs_B[b]) if r.sampling.logprobs else None
+            k = r.top_logprobs
+            top = tuple(
+                (int(i), float(v))
+                for i, v in zip(top_ids_Bk[b, :k], top_lps_Bk[b, :k], strict=True)
+            )
+            reason = ("stop" if stopped else "length") if done else None
+            produced.append((seq, TokenEvent(seq.key, token, lp, done, top, reason)))
+            if done:
+                alloc.free(seq.key)
+                self.running[b] = None
+                seq.slot = None
+        return produced

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
 from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
@@ -14,8 +16,12 @@ from k2jax import model as k2model
 from k2jax.kernels.platform import target_override
 from k2jax.model.config import Config
 from k2jax.model.quant import LAYOUTS, PROJECTIONS, layout_of
-from k2jax.serving import engine, placement
-from k2jax.serving.options import GenerateOptions
+from k2jax.serving import persistent_engine, placement
+from k2jax.serving.options import EngineConfig, GenerateOptions
+
+# Persistent engines a Model keeps (one per engine config and target); the least recently used
+# idle one beyond this is closed, freeing its pool.
+MAX_ENGINES = 4
 
 
 def as_token_array(token_ids: Sequence[Sequence[int]] | np.ndarray, vocab_size: int) -> np.ndarray:
@@ -55,6 +61,38 @@ class Model:
         self.mesh = mesh
         self.rules = tuple(rules or ())
         self._logits_fns: dict = {}
+        self._engines: collections.OrderedDict = collections.OrderedDict()
+        self._engines_lock = threading.Lock()
+
+    def persistent_engine(
+        self, config: EngineConfig | None = None
+    ) -> persistent_engine.PersistentEngine:
+        """This model's long-lived engine for ``config``, created and started on first use.
+
+        ``generate`` / ``generate_stream`` and the agent run on it, so its page pool (and the
+        prefix cache in it) lives as long as the model. Its bucket programs compile on first
+        use (``PersistentEngine(..., warmup=False)``); a server builds its own, warmed up.
+        """
+        config = config or EngineConfig()
+        key = (config, target_override())
+        with self._engines_lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = persistent_engine.PersistentEngine(
+                    self, config, max_queue=None, warmup=False
+                )
+                engine.start()
+                self._engines[key] = engine
+            self._engines.move_to_end(key)
+            for old_key in list(self._engines)[:-1]:
+                if len(self._engines) <= MAX_ENGINES:
+                    break
+                old = self._engines[old_key]
+                stats = old.stats()
+                if stats.running == 0 and stats.queue_length == 0:
+                    del self._engines[old_key]
+                    old.close()
+            return engine
 
     def _on_mesh(self, fn):
         """``fn`` traced and run with this model's mesh and rules as the context."""
@@ -128,7 +166,7 @@ class Model:
         (``<|im_end|>`` for K2), ``[]`` never stops early. With ``logprobs=True`` returns
         ``(tokens, logprobs)``, the raw logprob of each token.
         """
-        return engine.generate(
+        return persistent_engine.generate(
             self, prompts, max_new_tokens, GenerateOptions.of(options, **keywords)
         )
 
@@ -141,6 +179,7 @@ class Model:
     ) -> Iterator[list[tuple]]:
         """Yields, per engine step, the ``(prompt_index, token_id)`` pairs produced in that
         step, stop tokens included (``(prompt_index, token_id, logprob)`` with
-        ``logprobs=True``). Same arguments as ``generate``; they are checked at call time."""
+        ``logprobs=True``). Same arguments as ``generate``; they are checked at call time.
+        Closing the stream early cancels the generation (its pages are let go)."""
         options = GenerateOptions.of(options, **keywords)
-        return engine.generate_stream(self, prompts, max_new_tokens, options)
+        return persistent_engine.generate_stream(self, prompts, max_new_tokens, options)

@@ -21,7 +21,14 @@ SEED_RANGE = 2**32
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Serving knobs. ``num_pages=None`` sizes the pool so every slot's longest request fits."""
+    """Serving knobs (docs/engine.md).
+
+    ``num_pages=None``: the batch ``Engine.run`` sizes its pool so every slot's longest request
+    fits; the persistent engine sizes its pool once, from the device memory left after the
+    weights where the backend reports it, else ``max_batch`` whole contexts (capped; see
+    ``persistent_engine.default_num_pages``). ``prefix_cache`` shares the pages of a common
+    prompt prefix between requests (``k2jax.serving.prefix_cache``).
+    """
 
     max_batch: int = 8
     page_size: int = 16
@@ -30,6 +37,7 @@ class EngineConfig:
     cache_dtype: str | None = None  # None: the model's dtype if float32, else bfloat16
     min_context_bucket: int = 64
     preempt: bool = True
+    prefix_cache: bool = True
     # XLA options for the step programs, e.g. default_model.FAST_COMPILE for a toy model whose
     # compile time dwarfs its run time; None keeps XLA's optimizing defaults. A dict is kept as
     # sorted pairs (hashable: the step function is cached on it).
@@ -40,6 +48,9 @@ class EngineConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EngineConfig.{field} = {value!r} must be a positive integer")
+        for field in ("preempt", "prefix_cache"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"EngineConfig.{field} = {getattr(self, field)!r} must be a bool")
         if self.num_pages is not None and (
             not isinstance(self.num_pages, int) or self.num_pages < 2
         ):

@@ -1,24 +1,36 @@
-"""Host-side page bookkeeping for the paged latent cache: a free list and per-sequence tables.
+"""Host-side page bookkeeping for the paged latent cache: free list, reference counts, tables.
 
 The device pool (``k2jax.model.kv_cache``) is ``[L, P, S_page, W]``; this allocator decides which of
-the P pages each sequence owns. Page 0 is the scratch page padding tokens write to, so it is
-never handed out. A page belongs to at most one live sequence at a time, which is what
-guarantees the cache never overwrites a live page. Allocation is all-or-nothing: a request
-that cannot be met changes nothing and raises ``OutOfPages``, so the engine can preempt a
-sequence and retry.
+the P pages each sequence's block table names. Page 0 is the scratch page padding tokens write
+to, so it is never handed out. Allocation is all-or-nothing: a request that cannot be met
+changes nothing and raises ``OutOfPages``, so the engine can preempt a sequence and retry.
+
+With ``prefix_cache=True`` full pages are also named by the chain hash of the prefix they end
+(``k2jax.serving.prefix_cache``) and may be held by several sequences at once (a reference
+count per page). A sequence only ever *writes* positions at or after its cached length, and a
+shared page lies wholly before that length in every holder (it is full, and the last partial
+page is never shared), so a shared page is never written. A page whose last holder lets go stays
+cached (idle) when it is named, and is evicted, least recently used first, only when a page is
+needed and the free list is empty.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import dataclasses
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
 from k2jax.model.kv_cache import SCRATCH_PAGE
+from k2jax.serving.prefix_cache import ROOT_DIGEST, PrefixCache, chain_digest, page_digests
 
 
 class OutOfPages(RuntimeError):
     """The pool has fewer free pages than an allocation needs."""
+
+
+class RequestTooLarge(OutOfPages, ValueError):
+    """A request that could not fit even in an empty pool (refused before any work)."""
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -26,10 +38,18 @@ def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
-class PageAllocator:
-    """A free list over pages 1..num_pages-1 and the block table of each live sequence."""
+@dataclasses.dataclass
+class _Chain:
+    """How far a sequence's pages are named in the prefix cache."""
 
-    def __init__(self, num_pages: int, page_size: int):
+    named: int = 0  # leading pages whose digest is known (cached by this or another page)
+    digest: bytes = ROOT_DIGEST  # the digest of page ``named - 1``
+
+
+class PageAllocator:
+    """A free list over pages 1..num_pages-1, per-page holder counts, and each sequence's table."""
+
+    def __init__(self, num_pages: int, page_size: int, prefix_cache: bool = False):
         if num_pages < 2:
             raise ValueError(f"num_pages must be at least 2 (page 0 is scratch), got {num_pages}")
         if page_size < 1:
@@ -39,10 +59,33 @@ class PageAllocator:
         # Popped from the end: low page ids are handed out first, which keeps tests readable.
         self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))
         self._tables: dict[Hashable, list[int]] = {}
+        self._holders = np.zeros((num_pages,), np.int32)
+        self.cache = PrefixCache() if prefix_cache else None
+        self._chains: dict[Hashable, _Chain] = {}
 
     @property
     def num_free(self) -> int:
+        """Pages on the free list (holding nothing worth keeping)."""
         return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Idle cached pages: held by no sequence, kept for a later prompt, evictable."""
+        return 0 if self.cache is None else self.cache.num_idle
+
+    @property
+    def num_available(self) -> int:
+        """Pages an allocation may take: the free list, then evicted idle cached pages."""
+        return self.num_free + self.num_cached
+
+    @property
+    def num_used(self) -> int:
+        """Pages held by at least one sequence."""
+        return int(np.count_nonzero(self._holders))
+
+    def all_free_or_cached(self) -> bool:
+        """No page is held and no sequence has a table: nothing leaked."""
+        return not self._tables and self.num_available == self.num_pages - 1
 
     def pages(self, seq: Hashable) -> list[int]:
         """The block table of ``seq`` (a copy; empty when it holds nothing)."""
@@ -53,25 +96,46 @@ class PageAllocator:
         have = len(self._tables.get(seq, ()))
         return max(0, pages_for(num_tokens, self.page_size) - have)
 
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        return self.cache.evict()
+
     def ensure(self, seq: Hashable, num_tokens: int) -> list[int]:
         """Grow ``seq``'s table to hold positions 0..num_tokens-1; returns its table.
 
-        Raises ``OutOfPages`` (and allocates nothing) when the free list is too short.
+        Raises ``OutOfPages`` (and allocates nothing) when fewer pages are available.
         """
         extra = self.needed(seq, num_tokens)
-        if extra > len(self._free):
+        if extra > self.num_available:
             raise OutOfPages(
                 f"sequence {seq!r} needs {extra} more page(s) of {self.page_size} tokens for "
-                f"{num_tokens} positions; {len(self._free)} of {self.num_pages - 1} are free"
+                f"{num_tokens} positions; {self.num_available} of {self.num_pages - 1} are "
+                "available"
             )
         table = self._tables.setdefault(seq, [])
         for _ in range(extra):
-            table.append(self._free.pop())
+            page = self._take()
+            self._holders[page] = 1
+            table.append(page)
         return list(table)
 
     def free(self, seq: Hashable) -> None:
-        """Return every page of ``seq`` to the free list (a no-op for an unknown sequence)."""
-        self._free.extend(reversed(self._tables.pop(seq, [])))
+        """Let go of every page of ``seq`` (a no-op for an unknown sequence).
+
+        A page nobody holds any more goes back to the free list, or, when it is named in the
+        prefix cache, stays cached as idle. The table is released from its end, so a prefix's
+        later pages are evicted before its earlier ones (which other prompts share more).
+        """
+        self._chains.pop(seq, None)
+        for page in reversed(self._tables.pop(seq, [])):
+            self._holders[page] -= 1
+            if self._holders[page]:
+                continue
+            if self.cache is not None and page in self.cache:
+                self.cache.park(page)
+            else:
+                self._free.append(page)
 
     def block_table(self, seq: Hashable, width: int) -> np.ndarray:
         """``seq``'s table as int32 [width], padded with the scratch page."""
@@ -81,3 +145,53 @@ class PageAllocator:
         row = np.full((width,), SCRATCH_PAGE, np.int32)
         row[: len(table)] = table
         return row
+
+    # Prefix caching.
+
+    def cached_prefix(self, tokens: Sequence[int]) -> tuple[list[int], list[bytes]]:
+        """The cached pages a sequence of ``tokens`` may start with, and its page digests.
+
+        At most ``(len(tokens) - 1) // page_size`` pages: at least one token is always left to
+        compute (its logits give the next token), and a partial page is never shared.
+        """
+        if self.cache is None:
+            return [], []
+        digests = page_digests(tokens, self.page_size, (len(tokens) - 1) // self.page_size)
+        return self.cache.lookup(digests), digests
+
+    def fits(self, hit_pages: Sequence[int], num_tokens: int) -> bool:
+        """Whether a sequence starting with ``hit_pages`` can hold ``num_tokens`` positions."""
+        revived = sum(1 for p in hit_pages if self.cache is not None and self.cache.is_idle(p))
+        need = pages_for(num_tokens, self.page_size) - len(hit_pages)
+        return need <= self.num_available - revived
+
+    def start(self, seq: Hashable, hit_pages: Sequence[int], digests: Sequence[bytes]) -> None:
+        """Give ``seq`` (holding nothing) the cached pages ``hit_pages`` as its first pages."""
+        if seq in self._tables:
+            raise ValueError(f"sequence {seq!r} already holds pages")
+        for page in hit_pages:
+            if not self._holders[page]:
+                self.cache.unpark(page)
+            self._holders[page] += 1
+        self._tables[seq] = list(hit_pages)
+        if self.cache is not None:
+            chain = _Chain()
+            if hit_pages:
+                chain = _Chain(len(hit_pages), digests[len(hit_pages) - 1])
+            self._chains[seq] = chain
+
+    def name_full_pages(self, seq: Hashable, tokens: Sequence[int], num_cached: int) -> None:
+        """Name in the prefix cache every page of ``seq`` that positions 0..num_cached-1 fill.
+
+        ``tokens`` are the sequence's tokens (at least ``num_cached`` of them). A page whose
+        prefix another page already holds stays private (freed, not cached, at the end).
+        """
+        if self.cache is None:
+            return
+        chain = self._chains.setdefault(seq, _Chain())
+        table = self._tables.get(seq, [])
+        size = self.page_size
+        for k in range(chain.named, min(num_cached // size, len(table))):
+            chain.digest = chain_digest(chain.digest, tokens[k * size : (k + 1) * size])
+            chain.named = k + 1
+            self.cache.insert(table[k], chain.digest)

@@ -96,10 +96,14 @@ class BatchSampling:
     repetition_penalty: jax.Array
     presence_penalty: jax.Array
     seed: jax.Array
+    top_logprobs: jax.Array  # alternatives each row reports (0: skip the top-k of the step)
 
     @classmethod
-    def from_params(cls, rows: list[SamplingParams]) -> BatchSampling:
+    def from_params(
+        cls, rows: list[SamplingParams], top_logprobs: list[int] | None = None
+    ) -> BatchSampling:
         """Host arrays for ``rows`` (idle batch slots pass the defaults)."""
+        top = [0] * len(rows) if top_logprobs is None else top_logprobs
         return cls(
             temperature=np.array([r.temperature for r in rows], np.float32),
             top_k=np.array([r.top_k or 0 for r in rows], np.int32),
@@ -108,6 +112,7 @@ class BatchSampling:
             repetition_penalty=np.array([r.repetition_penalty for r in rows], np.float32),
             presence_penalty=np.array([r.presence_penalty for r in rows], np.float32),
             seed=np.array([r.seed for r in rows], np.uint32),
+            top_logprobs=np.array(top, np.int32),
         )
 
 
@@ -178,3 +183,26 @@ def sample(
         jax.nn.log_softmax(logits_BV, axis=-1), tokens_B[:, None], axis=1
     )[:, 0]
     return tokens_B, logprobs_B
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def top_logprobs(logits_BV: jax.Array, s: BatchSampling) -> tuple[jax.Array, jax.Array]:
+    """The ``k = min(MAX_TOP_LOGPROBS, V)`` most likely tokens of each row under the raw
+    distribution: (ids int32 [B, k], logprobs float32 [B, k]), most likely first.
+
+    Computed only when some row asks for alternatives (a ``lax.cond``); otherwise zeros, so a
+    step's shape never depends on the requests.
+    """
+    k = min(MAX_TOP_LOGPROBS, logits_BV.shape[-1])
+
+    def top(logits_BV):
+        values_Bk, ids_Bk = jax.lax.top_k(jax.nn.log_softmax(logits_BV, axis=-1), k)
+        return ids_Bk.astype(jnp.int32), values_Bk
+
+    def skip(logits_BV):
+        b = logits_BV.shape[0]
+        return jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
+
+    return jax.lax.cond(jnp.any(s.top_logprobs > 0), top, skip, logits_BV.astype(jnp.float32))
