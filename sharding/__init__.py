@@ -1,0 +1,38 @@
+"""Placing K2 on a TPU slice: the mesh, the rules table, multi-host start-up, and the plan.
+
+- ``sharding.mesh``: the (data, expert, tensor) mesh.
+- ``sharding.rules``: logical axis names -> mesh axes, one table per strategy.
+- ``sharding.plan``: ``python -m sharding.plan``, the decode step compiled by XLA:TPU ahead of
+  time for a named slice, its memory, bytes, FLOPs, collectives and roofline; without
+  ``--mesh`` it picks the layout (``sharding.search``).
+- ``sharding.collectives``: the collectives of a compiled program, from its HLO.
+- ``sharding.topologies``: chips (HBM, bandwidths, peak FLOP/s, ICI, collective latency) and
+  slice names.
+- ``sharding.distributed``: multi-host initialization.
+
+Where the collectives are at decode, for one step of B sequences (T = 1 new token each) on a
+mesh data d x expert e x tensor t, N = e x t, D = 7168 (K2), bf16 activations. Scaling-book
+notation: ``X[A_N]`` is A split over the N chips of (expert, tensor); ``{U_N}`` partial sums
+over them awaiting a reduction. Sizes are what one chip sends, ring algorithm, for K2:
+
+- embedding, once: ``take(embed[V_N, D], tok[B_d]) -> x[B_d, D] {U_N}``: AllReduce_N of
+  B/d x D values (14 KB a sequence; 2 x 14 KB x (N-1)/N sent).
+- attention, per layer: q_a and kv_a are replicated, so the queries' low-rank state and the
+  cached latent are computed on every chip with no communication (every chip writes the same
+  latent pool); ``q[B_d, heads_N, K]`` and the attention over the pool are local;
+  ``out[B_d, heads_N, U] . w_o[heads_N, U, D] -> y[B_d, D] {U_N}``: AllReduce_N of B/d x D.
+- dense MLP (layer 0) and shared expert: ``h[B_d, F_N] . w_down[F_N, D] -> {U_N}``. In MoE
+  layers XLA merges this all-reduce with the routed experts' (same devices, same shape).
+- routed experts (``k2jax.model.moe``, a ``shard_map``): the router runs replicated; each chip
+  applies its E/N experts to the tokens that chose them; ``y[B_d, D] {U_N}``: AllReduce_N,
+  the layer's second and last collective. Prefill (tokens over (data, expert)): AllGather_e of
+  the tokens in, ReduceScatter_e + AllReduce_t out.
+- lm_head: ``logits[B_d, V_N]``, local; gathered only where the caller asks for whole logits.
+
+So a decode step is 2 x 61 + 1 = 123 all-reduces of B/d x 14 KB each (K2, N > 1), which the
+plan reads back from the compiled program (``ici_bytes``, ``ici_ops``). At batch 1 that is
+~3.5 MB sent per chip per step: latency-bound (123 x the stated 10 us = 1.2 ms), not
+bandwidth-bound. At batch 512 it is ~1.7 GB a step: ~3 ms at v5p's 600 GB/s one way.
+The latent pool is replicated on every chip (partitioning it by sequence or by position is the
+deferred data-parallel / context-parallel work, docs/sharding.md).
+"""

@@ -31,7 +31,7 @@ def make_mesh(
     The product must equal the number of devices: a mesh that leaves devices idle is almost
     always a mistake in a launch command, so it is refused rather than silently using a subset.
     Device order follows ``jax.make_mesh`` (topology-aware on TPU, so ``tensor`` neighbours sit
-    on the fastest links).
+    on the fastest links), splitting a physical torus axis where a mesh axis needs it.
     """
     shape = (data, expert, tensor)
     for name, size in zip(AXES, shape, strict=True):
@@ -44,7 +44,17 @@ def make_mesh(
             f"but {len(devices)} devices are available ({devices[0].platform}); "
             "the product of the axis sizes must equal the device count"
         )
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(AXES)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # jax.make_mesh maps each mesh axis onto whole physical torus axes, and some shapes
+        # have no such assignment (expert=8 on a v5p 4x4x2 torus). Splitting a physical axis
+        # between mesh axes still places every device once; neighbours are then less regular.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, AXES, axis_types=axis_types)
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -10,12 +10,17 @@ rules' arithmetic, checked against the compiler's argument bytes), the KV-cache 
 compiler's temporary bytes, their total against the chip's HBM, the bytes one decode step reads
 and writes (the compiler's cost analysis over every layer, plus the routed experts' weight reads
 inside the Pallas kernel, which that analysis cannot see, counted from the kernel's BlockSpecs),
-and the HBM-bandwidth lower bound on step time.
+and the HBM-bandwidth lower bound on step time; then the FLOPs, the collectives read from the
+compiled HLO (``sharding.collectives``), the roofline step (max of HBM and compute time, plus the
+collectives at the chip's stated latency and ICI bandwidth, ``sharding.topologies``), tokens/s
+per user and per chip, and the cached tokens that fit beside the weights. Without ``--mesh`` the
+layout is searched (``sharding.search``); ``--batch 1,8,64`` gives one row per batch and
+``--plot FILE`` draws TPOT and tokens/s per chip against batch.
 
 Example::
 
     python -m sharding.plan --config ../shared/k2/kimi-k2-thinking.config.json \\
-        --topology v5p-64 --mesh data=1,expert=32,tensor=1 --batch 8 --context 32768
+        --topology v5p-64 --batch 1,8,64,256,512 --context 8192 --plot plan.png
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from k2jax import model as k2model
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
 from k2jax.model.quant import expert_layout_for
-from sharding import rules, topologies
+from sharding import collectives, rules, search, topologies
 from sharding.mesh import AXES, make_mesh, parse_mesh
 
 GB = 1e9
@@ -92,11 +97,8 @@ def plan(
     if mesh_sizes is None:
         if slice_ is None:
             raise ValueError("give a mesh, a topology or both")
-        devices, compiler = _devices(slice_, slice_.chips)
-        # Default: every device an expert shard, the layout decode wants.
-        mesh_sizes = {"data": 1, "expert": len(devices), "tensor": 1}
-    else:
-        devices, compiler = _devices(slice_, math.prod(mesh_sizes[a] for a in AXES))
+        return _plan_searched(cfg, slice_, batch, context, page_size, topology, dtype)
+    devices, compiler = _devices(slice_, math.prod(mesh_sizes[a] for a in AXES))
     count = math.prod(mesh_sizes[a] for a in AXES)
     if len(devices) != count:
         raise ValueError(
@@ -104,7 +106,9 @@ def plan(
         )
     mesh = make_mesh(**mesh_sizes, devices=devices)
     dtype = jnp.dtype(dtype)
-    split = rules.param_bytes_per_device(cfg, mesh, dtype, strategy)
+    # Weight bytes of the experts as stored: words for INT4 (jnp's int4 has a 1-byte itemsize).
+    stored = "fp8" if cfg.quantization.kind == "fp8" else "words"
+    split = rules.param_bytes_per_device(cfg, mesh, dtype, strategy, stored)
     shape = (batch, context, page_size)
     t0 = time.perf_counter()
     compiled, error, pool_shape, lower_s = _compile(cfg, mesh, dtype, strategy, shape, True)
@@ -133,13 +137,19 @@ def plan(
     else:
         hbm, bandwidth = 0, 0.0
     scan_body_once = float(cost.get("bytes accessed", 0.0))
-    xla_accessed, per_moe_layer = (
-        _bytes_per_step(cfg, mesh, dtype, strategy, shape, scan_body_once)
+    flops_once = float(cost.get("flops", 0.0))
+    xla_accessed, per_moe_layer, xla_flops = (
+        _per_step(cfg, mesh, dtype, strategy, shape, scan_body_once, flops_once)
         if compiled is not None
-        else (0.0, 0.0)
+        else (0.0, 0.0, 0.0)
     )
     kernel = _kernel_expert_bytes(cfg, mesh, batch) if compiled is not None else {}
     accessed = xla_accessed + kernel.get("busiest", 0.0)
+    flops = xla_flops + kernel.get("flops", 0.0)
+    ici = collectives.collectives(compiled.as_text(), len(devices)) if compiled is not None else {}
+    roof = _roofline(slice_, compiler, len(devices), accessed, flops, ici, batch)
+    free = hbm - weight_bytes - temp_bytes if hbm else 0
+    per_token = cfg.num_layers * cfg.cache_width * dtype.itemsize  # the pool is replicated
     groups = _group_split(split)
     return {
         "compiler": compiler,
@@ -165,6 +175,21 @@ def plan(
         "kernel_routing": f"uniform random top-{cfg.num_experts_per_tok}, seed "
         f"{ROUTING_SEED} + layer; busiest expert shard per layer",
         "step_time_lower_bound_s": accessed / bandwidth if bandwidth and accessed else None,
+        "flops": flops,
+        "flops_xla": xla_flops,
+        "kernel_flops": kernel.get("flops", 0.0),
+        "ici_bytes": {k: v["bytes"] for k, v in ici.items()},
+        "ici_ops": {k: v["count"] for k, v in ici.items()},
+        **roof,
+        "kv_capacity_tokens": max(free, 0) // per_token if compiled is not None else 0,
+        "warnings": (
+            [
+                "XLA's per-MoE-layer bytes came out negative (the MoE-less program counted "
+                "more than the real one): bytes_accessed_xla is not reliable for this case"
+            ]
+            if per_moe_layer < 0
+            else []
+        ),
         "argument_bytes": int(args_out[0]),
         "output_bytes": int(args_out[1]),
         "alias_bytes": int(args_out[2]),
@@ -176,11 +201,53 @@ def plan(
     }
 
 
+def _plan_searched(cfg, slice_, batch, context, page_size, topology, dtype, tries: int = 3):
+    """The plan of the best layout the search finds for ``slice_`` (``sharding.search``): the
+    best-ranked fitting layout is compiled; if the compiler finds that it does not fit after
+    all (its temporaries), the next, up to ``tries``."""
+    ranked = search.rank(
+        cfg, slice_, batch=batch, context=context, page_size=page_size, dtype=dtype
+    )
+    if not ranked:
+        raise ValueError(f"no mesh of {slice_.chips} chips places this model by the rules")
+    why = search.explain(ranked)
+    tried = []
+    for cand in [c for c in ranked if c.fits][:tries] or ranked[:1]:
+        result = plan(
+            cfg,
+            cand.mesh,
+            batch=batch,
+            context=context,
+            page_size=page_size,
+            topology=topology,
+            strategy=cand.strategy,
+            dtype=dtype,
+        )
+        tried.append(f"{cand.label()}: {'fits' if result['fits'] else 'does not fit'}")
+        if result["fits"]:
+            break
+    result["layout_search"] = {
+        "chosen": f"{result['mesh']} {result['strategy']}",
+        "why": why,
+        "compiled": tried,
+        "ranking": [
+            {
+                "mesh": c.mesh,
+                "strategy": c.strategy,
+                "fits_estimate": c.fits,
+                "step_s_estimate": c.step_s,
+            }
+            for c in ranked[:8]
+        ],
+    }
+    return result
+
+
 def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
     """(compiled or None, compile error or None, pool shape, lowering seconds)."""
     batch, context, page_size = shape
     # The resident expert layout the target platform runs (int4 on TPU, packed words on CPU).
-    layout = expert_layout_for(mesh.devices.flat[0].platform)
+    layout = _expert_layout(cfg, mesh)
     shardings = rules.param_shardings(cfg, mesh, dtype, strategy, layout)
     params = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -214,18 +281,20 @@ def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
     return compiled, error, pool_shape, t1 - t0
 
 
-def _cost_bytes(cfg, mesh, dtype, strategy, shape, scan_layers: bool) -> float:
+def _cost(cfg, mesh, dtype, strategy, shape, scan_layers: bool) -> tuple[float, float]:
+    """(bytes accessed, flops) of one program by XLA's cost analysis."""
     compiled, error, _, _ = _compile(cfg, mesh, dtype, strategy, shape, scan_layers)
     if compiled is None:
         raise RuntimeError(f"the {cfg.num_layers}-layer program did not compile: {error}")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("bytes accessed", 0.0))
+    return float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0))
 
 
-def _bytes_per_step(cfg, mesh, dtype, strategy, shape, scanned: float) -> tuple[float, float]:
+def _per_step(cfg, mesh, dtype, strategy, shape, scanned: float, scanned_flops: float):
     """(bytes one decode step reads and writes per device by XLA's cost analysis, counting every
-    layer; of which per MoE layer). ``scanned``: the real (scanned) program's figure.
+    layer; of which per MoE layer; FLOPs per device, every layer, the same way). ``scanned``,
+    ``scanned_flops``: the real (scanned) program's figures.
 
     XLA's cost analysis counts a while loop's body once, whatever its trip count, so the scanned
     program's figure holds one layer of each stack. One MoE layer (the scan body, compiled in
@@ -243,24 +312,76 @@ def _bytes_per_step(cfg, mesh, dtype, strategy, shape, scanned: float) -> tuple[
     ``_kernel_expert_bytes``.
     """
     dense = cfg.num_dense_layers
-    per_moe = 0.0
+    per_moe = per_moe_flops = 0.0
     if cfg.num_moe_layers:
-        without_moe = _cost_bytes(
+        without_moe = _cost(
             dataclasses.replace(cfg, num_layers=dense), mesh, dtype, strategy, shape, True
         )
-        per_moe = scanned - without_moe
-    per_dense = 0.0
+        per_moe = scanned - without_moe[0]
+        per_moe_flops = scanned_flops - without_moe[1]
+    per_dense = per_dense_flops = 0.0
     if dense > 1:
         one, two = (
-            _cost_bytes(dataclasses.replace(cfg, num_layers=n), mesh, dtype, strategy, shape, False)
+            _cost(dataclasses.replace(cfg, num_layers=n), mesh, dtype, strategy, shape, False)
             for n in (1, 2)
         )
-        per_dense = two - one
-    total = scanned + (cfg.num_moe_layers - 1) * per_moe + max(dense - 1, 0) * per_dense
-    return total, per_moe
+        per_dense, per_dense_flops = two[0] - one[0], two[1] - one[1]
+    extra_moe, extra_dense = cfg.num_moe_layers - 1, max(dense - 1, 0)
+    total = scanned + extra_moe * per_moe + extra_dense * per_dense
+    flops = scanned_flops + extra_moe * per_moe_flops + extra_dense * per_dense_flops
+    return total, per_moe, flops
+
+
+def _roofline(slice_, compiler, devices, accessed, flops, ici, batch) -> dict:
+    """The roofline of one decode step per chip: ``max(bytes / HBM bw, flops / peak)`` plus the
+    collectives (each op's stated latency + its bytes over ICI), and the token rates it gives.
+    None where no chip is known (CPU devices without a topology)."""
+    if slice_ is None or not accessed:
+        return dict.fromkeys(
+            (
+                "hbm_s",
+                "compute_s",
+                "collective_s",
+                "roofline_step_s",
+                "tokens_per_s_per_user",
+                "tokens_per_s_per_chip",
+            )
+        )
+    chip = slice_.chip
+    cores = devices // slice_.chips if compiler.startswith("XLA:TPU") else 1
+    hbm_s = accessed / (chip.hbm_bandwidth / cores)
+    compute_s = flops / (chip.peak_flops / cores)
+    coll_s = collectives.collective_seconds(ici, chip.ici_bandwidth, chip.collective_latency_s)
+    step = max(hbm_s, compute_s) + coll_s
+    chips = devices // cores
+    return {
+        "hbm_s": hbm_s,
+        "compute_s": compute_s,
+        "collective_s": coll_s,
+        "roofline_step_s": step,
+        "tokens_per_s_per_user": 1.0 / step,
+        "tokens_per_s_per_chip": batch / step / chips,
+    }
 
 
 ROUTING_SEED = 0
+
+
+def _expert_layout(cfg: Config, mesh) -> str:
+    """FP8 experts (an FP8 config, or ``--experts fp8``) as stored; INT4 in the platform's
+    layout (int4 on TPU, packed words on CPU)."""
+    fp8 = cfg.quantization.kind == "fp8"
+    return "fp8" if fp8 else expert_layout_for(mesh.devices.flat[0].platform)
+
+
+def with_experts(cfg: Config, experts: str | None) -> Config:
+    """``cfg`` with its routed experts in format ``experts`` (``--experts``: ``fp8`` or
+    ``int4``, K2 Thinking's INT4 that ``k2jax.load(..., experts="int4")`` re-quantizes to)."""
+    from k2jax.model.config import ExpertQuantization
+
+    if experts in (None, cfg.quantization.kind):
+        return cfg
+    return dataclasses.replace(cfg, quantization=ExpertQuantization(experts))
 
 
 def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
@@ -278,18 +399,20 @@ def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
 
     from k2jax.model.expert_matmul import pallas_reads
 
-    layout = expert_layout_for(mesh.devices.flat[0].platform)
-    if layout != "int4" or not cfg.num_moe_layers:
-        return {"busiest": 0.0, "mean": 0.0}
+    layout = _expert_layout(cfg, mesh)
+    on_tpu = mesh.devices.flat[0].platform == "tpu"  # elsewhere the experts run as XLA ops
+    if layout not in ("int4", "fp8") or not on_tpu or not cfg.num_moe_layers:
+        return {"busiest": 0.0, "mean": 0.0, "flops": 0.0}
     mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
     shards = math.prod(mesh_axes.get(a, 1) for a in rules.rules_for("decode")["experts"])
     local = cfg.n_routed_experts // shards
     tokens = max(batch // mesh_axes.get("data", 1), 1)  # decode: one token per sequence
     k = cfg.num_experts_per_tok
-    busiest = mean = 0.0
+    busiest = mean = pairs = 0.0
     for layer in range(cfg.num_moe_layers):
         rng = np.random.default_rng(ROUTING_SEED + layer)
         ids = np.stack([rng.choice(cfg.n_routed_experts, k, replace=False) for _ in range(tokens)])
+        pairs += np.bincount(ids.ravel() // local, minlength=shards).max()
         per_shard = [
             pallas_reads(
                 ids,
@@ -299,12 +422,15 @@ def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
                 inter=cfg.moe_intermediate_size,
                 group_size=cfg.quantization.group_size,
                 num_total=cfg.n_routed_experts,
+                layout=layout,
             )["total"]
             for d in range(shards)
         ]
         busiest += max(per_shard)
         mean += sum(per_shard) / shards
-    return {"busiest": busiest, "mean": mean}
+    # Three matmuls of D x M per (token, expert) pair, on the busiest shard of each layer.
+    flops = pairs * 2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return {"busiest": busiest, "mean": mean, "flops": float(flops)}
 
 
 def _group_split(split: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
@@ -372,6 +498,26 @@ def format_table(r: dict) -> str:
     if r["step_time_lower_bound_s"] is not None:
         bound_ms = r["step_time_lower_bound_s"] * 1e3
         lines.append(f"{'decode step lower bound (HBM bw)':34s} {bound_ms:10.2f} ms")
+    lines.append(f"{'FLOPs per step (XLA + kernels)':34s} {r['flops'] / 1e12:10.3f} TFLOP")
+    for kind, nbytes in r["ici_bytes"].items():
+        ops = int(r["ici_ops"][kind])
+        lines.append(f"{'ICI ' + kind:34s} {nbytes / 1e6:10.3f} MB in {ops} ops")
+    if r.get("roofline_step_s"):
+        lines += [
+            f"{'roofline step':34s} {r['roofline_step_s'] * 1e3:10.2f} ms "
+            f"(HBM {r['hbm_s'] * 1e3:.2f}, compute {r['compute_s'] * 1e3:.2f}, "
+            f"collectives {r['collective_s'] * 1e3:.2f})",
+            f"{'tokens/s per user, per chip':34s} {r['tokens_per_s_per_user']:10.1f} "
+            f"{r['tokens_per_s_per_chip']:10.1f}",
+        ]
+    lines.append(f"{'KV capacity beside the weights':34s} {r['kv_capacity_tokens']:14,d} tokens")
+    lines += [f"WARNING: {w}" for w in r.get("warnings", [])]
+    if "layout_search" in r:
+        lines += [
+            "",
+            r["layout_search"]["why"],
+            "compiled: " + "; ".join(r["layout_search"]["compiled"]),
+        ]
     return "\n".join(lines)
 
 
@@ -382,11 +528,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="HF config.json (or its directory)")
     parser.add_argument("--mesh", default="", help="e.g. data=1,expert=32,tensor=1")
     parser.add_argument("--topology", default=None, help="e.g. v5p-64, v6e-64, v5e-16, v5p:4x4x2")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--batch", type=_batches, default=[1], help="sequences per step; a list gives one row each"
+    )
     parser.add_argument("--context", type=int, default=4096, help="cache positions per sequence")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--strategy", default="decode", choices=sorted(rules.STRATEGIES))
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--experts", choices=("fp8", "int4"), help="routed experts (default: the config's own)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (a list for several)")
+    parser.add_argument("--plot", default=None, help="draw TPOT and tokens/s per chip vs batch")
     cli_errors.add_debug_argument(parser)
     args = parser.parse_args(argv)
     return cli_errors.run(lambda: _plan_cli(parser, args), debug=args.debug)
@@ -407,18 +559,110 @@ def _plan_cli(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         pass
     if not os.path.exists(args.config):
         raise cli_errors.UsageError(f"--config {args.config}: no such file or directory")
-    cfg = Config.from_hf(args.config)
-    result = plan(
-        cfg,
-        sizes,
-        batch=args.batch,
-        context=args.context,
-        page_size=args.page_size,
-        topology=args.topology,
-        strategy=args.strategy,
-    )
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    cfg = with_experts(Config.from_hf(args.config), args.experts)
+    results = []
+    for batch in args.batch:
+        results.append(
+            plan(
+                cfg,
+                sizes,
+                batch=batch,
+                context=args.context,
+                page_size=args.page_size,
+                topology=args.topology,
+                strategy=args.strategy,
+            )
+        )
+        if not args.json:
+            print(format_table(results[-1]), flush=True)
+            print(flush=True)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    elif len(results) > 1:
+        print(format_rows(results))
+    if args.plot:
+        plot(results, args.plot)
     return 0
+
+
+def _batches(text: str) -> list[int]:
+    """``"1,8,64"`` -> [1, 8, 64]; each a positive integer."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,8,64, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return out
+
+
+ROW_HEADER = (
+    f"{'batch':>6s} {'mesh (data,expert,tensor)':>26s} {'fits':>5s} {'weights':>8s} {'KV':>7s} "
+    f"{'temp':>7s} {'read':>7s} {'TFLOP':>7s} {'ICI MB':>8s} {'colls':>6s} {'step ms':>8s} "
+    f"{'tok/s/user':>10s} {'tok/s/chip':>10s} {'KV capacity':>12s}"
+)
+
+
+def format_rows(results: list[dict]) -> str:
+    """One row per case (GB per chip; step = the roofline)."""
+    lines = [ROW_HEADER]
+    for r in results:
+        mesh = f"{r['mesh']['data']},{r['mesh']['expert']},{r['mesh']['tensor']} {r['strategy']}"
+        step = r.get("roofline_step_s")
+        lines.append(
+            f"{r['batch']:6d} {mesh:>26s} {'yes' if r['fits'] else 'NO':>5s} "
+            f"{r['weight_bytes'] / GB:8.2f} {r['kv_cache_bytes'] / GB:7.2f} "
+            f"{r['temp_bytes'] / GB:7.2f} {r['bytes_accessed'] / GB:7.2f} "
+            f"{r['flops'] / 1e12:7.3f} {sum(r['ici_bytes'].values()) / 1e6:8.2f} "
+            f"{int(sum(r['ici_ops'].values())):6d} "
+            + (
+                f"{step * 1e3:8.2f} {r['tokens_per_s_per_user']:10.1f} "
+                f"{r['tokens_per_s_per_chip']:10.1f} "
+                if step
+                else f"{'-':>8s} {'-':>10s} {'-':>10s} "
+            )
+            + f"{r['kv_capacity_tokens']:12,d}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """TPOT (ms) and tokens/s per chip against batch, one line per topology, to ``path``; the
+    cases that do not fit are named under the plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
+    by_topology: dict[str, list[dict]] = {}
+    for r in results:
+        by_topology.setdefault(str(r["topology"]), []).append(r)
+    batches_all = sorted({r["batch"] for r in results})
+    misfits = []
+    for name, rows in by_topology.items():
+        rows = sorted((r for r in rows if r.get("roofline_step_s")), key=lambda r: r["batch"])
+        misfits += [f"{name} batch {r['batch']}" for r in by_topology[name] if not r["fits"]]
+        if not rows:
+            continue
+        batches = [r["batch"] for r in rows]
+        ax_t.plot(batches, [r["roofline_step_s"] * 1e3 for r in rows], marker="o", label=name)
+        ax_c.plot(batches, [r["tokens_per_s_per_chip"] for r in rows], marker="o", label=name)
+    context = results[0]["context"]
+    ax_t.set(xscale="log", xlabel="batch", ylabel="TPOT, roofline (ms)")
+    ax_c.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s per chip, roofline")
+    ax_t.set_title(f"decode step, context {context}")
+    ax_c.set_title("throughput per chip")
+    for ax in (ax_t, ax_c):
+        ax.set_xticks(batches_all, [str(b) for b in batches_all])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper left")
+    if misfits:
+        fig.text(0.5, 0.01, "does not fit: " + ", ".join(misfits), ha="center", fontsize=8)
+        fig.subplots_adjust(bottom=0.2)
+    fig.tight_layout(rect=(0, 0.05 if misfits else 0, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,62 +1,53 @@
 """Logical axis names -> mesh axes: one rules table per strategy, and the params' placement.
 
 Every parameter carries logical axis names (``k2jax.model.param_axes``); a few activations are
-constrained by logical names inside the model (``act_batch``, ``heads``, ``vocab``). A rules
-table maps each name to a tuple of mesh axes (or ``()`` for replicated). ``spec_for`` turns an
-array's names into a ``PartitionSpec`` and refuses two things flax's own resolver lets through
-silently: two logical axes of one array on the same mesh axis, and a split that does not divide
-the dimension (384 experts over 7 devices), naming the parameter, the axis and the sizes.
+constrained by logical names inside the model (``act_batch``, ``vocab``). A rules table maps each
+name to a tuple of mesh axes (or ``()`` for replicated). ``spec_for`` turns an array's names into
+a ``PartitionSpec`` and refuses two logical axes of one array on the same mesh axis.
 
-Parameters are placed the same way by both strategies, so a model serves prefill and decode
-from one copy without resharding between them:
+Weights are split over every mesh axis the batch does not use at decode (``expert`` and
+``tensor``; ``data`` holds the batch), so a batch-1 step reads about 1/N of them per chip
+(N = expert x tensor). Parameters are placed the same way by both strategies, so a model serves
+prefill and decode from one copy without resharding between them:
 
-================  ====================  ==================================================
-logical axis      mesh axes             parameters
-================  ====================  ==================================================
-experts           (expert, tensor)      routed experts' packed INT4 words and bf16 scales
-heads             (tensor,)             w_q_up, w_k_up, w_v_up, w_o
-mlp, shared_mlp   (tensor,)             dense-layer MLP, shared expert
-vocab             (tensor,)             embed, lm_head
-everything else   replicated            w_q_down, w_kv_down, norms, router, bias
-================  ====================  ==================================================
+================  ==================  ==================================================
+logical axis      mesh axes           parameters
+================  ==================  ==================================================
+experts           (expert, tensor)    routed experts' INT4 payload and bf16 scales
+heads             (expert, tensor)    w_q_up (q_b), w_k_up + w_v_up (kv_b), w_o (o)
+mlp, shared_mlp   (expert, tensor)    dense-layer MLP, shared expert
+vocab             (expert, tensor)    embed, lm_head
+everything else   replicated          w_q_down (q_a), w_kv_down (kv_a), router, norms
+================  ==================  ==================================================
 
-Experts go over ``expert`` AND ``tensor``: with experts over ``expert`` alone, every tensor-
-parallel chip would hold a full copy of its expert shard (on a v6e-64 with expert=8, tensor=8
-that is 71 GB a chip against 32 GB of HBM). The low-rank down-projections stay replicated: the
-only other axis they have (``q_lora``, ``kv_lora``) meets ``heads`` in the up-projection, and a
-split there would cost a collective per layer to save about 2 GB a chip.
+What stays replicated, and why (K2: 30 MB of q_a + kv_a and 5.5 MB of router a layer, 2.2 GB
+a chip in all). Splitting q_a (over q_lora, with heads over ``expert`` and the per-head dims over
+``tensor``) and kv_a (over its 576 outputs) was compiled and measured: XLA:TPU then sharded the
+rope slice of the queries and keys too and all-reduced the [S, heads] score partials over
+``tensor`` (33 MB a layer at 256K positions), plus ~10 collective-permutes a layer for the
+latent's C|R slice that crosses shard boundaries. With this table a layer has exactly two
+all-reduces of [B, T, D]. The router split would add an all-gather of its logits per layer
+(~10 us of latency, ``sharding.topologies``) to save ~2 us of HBM reads on v5p.
+
+Expert stacks must divide exactly (refused otherwise, naming the sizes: 384 experts over 7
+devices); a dense weight whose dimension a rule's axes do not divide takes the largest ordered
+subset of them that does (4 heads over expert=8: replicated), which keeps tiny test models and
+odd meshes running; ``param_bytes_per_device`` reports what each chip really holds.
 
 The strategies differ in the batch axis of activations:
 
-- ``decode``: ``act_batch -> (data,)``. Memory-bound: every chip of a replica reads the
-  attention weights it holds anyway, so attention runs replicated over ``expert``.
+- ``decode``: ``act_batch -> (data,)``.
 - ``prefill``: ``act_batch -> (data, expert)``. Compute-bound: the batch is also split over
   ``expert`` so attention is not computed ``expert`` times over; the MoE gathers its tokens
-  over ``expert`` on the way in and reduce-scatters them on the way out.
+  over ``expert`` on the way in and reduce-scatters them on the way out, and the partitioner
+  gathers the head-split weights over ``expert`` where the batch holds that axis.
 
-Where the collectives are, for one layer on a mesh (data d, expert e, tensor t), in
-scaling-book notation (``X[A_t]``: A split over tensor; ``{U_t}``: partial sums over tensor
-awaiting a reduction). Decode:
-
-- embedding: ``take(embed[V_t, D], tok[B_d, T]) -> x[B_d, T, D] {U_t}``: AllReduce_t (once).
-- attention: ``q[B_d, T, N_t, K]`` and the cached latents are local (latents come from the
-  replicated w_kv_down, so every head shard writes the same cache, no communication);
-  ``out[B_d, T, N_t, U] . w_o[N_t, U, D] -> y[B_d, T, D] {U_t}``: AllReduce_t.
-- dense MLP / shared expert: ``h[B_d, T, F_t] . w_down[F_t, D] -> y {U_t}``: AllReduce_t.
-- routed experts (``k2jax.model.moe``, a ``shard_map``): the router runs replicated; each device
-  applies only its experts ``[E_(e,t)]`` to the tokens that chose them;
-  ``y[T_d, D] {U_(e,t)}``: one AllReduce over (expert, tensor) -- the one MoE collective.
-  Prefill: ``x[T_(d,e), D]`` -> AllGather_e -> local experts -> ``{U_(e,t)}`` ->
-  AllReduce_t + ReduceScatter_e back to ``y[T_(d,e), D]``.
-- lm_head: ``h[B_d, T, D] . lm_head[D, V_t] -> logits[B_d, T, V_t]``: local; gathered over
-  ``tensor`` only where the caller asks for whole logits.
-
-Per decode step at batch 1 and t = 1 that is one AllReduce of D values per MoE layer: 14 KB
-in bf16, 61 of them, microseconds on ICI against milliseconds of HBM reads.
+Where each collective happens and its size: ``sharding``'s package docstring.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -74,22 +65,26 @@ Rules = Mapping[str, tuple[str, ...]]
 
 _PARAMS: dict[str, tuple[str, ...]] = {
     "layers": (),
-    "vocab": ("tensor",),
+    "vocab": ("expert", "tensor"),
     "embed": (),
     "q_lora": (),
     "kv_lora_rope": (),
     "kv_lora": (),
-    "heads": ("tensor",),
+    "heads": ("expert", "tensor"),
     "qk_head_dim": (),
     "head_dim": (),
     "v_head_dim": (),
-    "mlp": ("tensor",),
-    "shared_mlp": ("tensor",),
+    "mlp": ("expert", "tensor"),
+    "shared_mlp": ("expert", "tensor"),
     "router_experts": (),
     "experts": ("expert", "tensor"),
     "expert_mlp": (),
     "expert_embed": (),
 }
+
+# Logical axes whose split must divide exactly: the expert stacks (the MoE's shard_map gives
+# each device E / shards experts). Every other name takes the largest subset that divides.
+STRICT = frozenset({"experts"})
 
 STRATEGIES: dict[str, dict[str, tuple[str, ...]]] = {
     "decode": {**_PARAMS, "act_batch": ("data",)},
@@ -126,7 +121,8 @@ def spec_for(
     """The ``PartitionSpec`` for an array with logical ``names`` and ``shape`` on ``mesh``.
 
     Raises ``ShardingError`` naming ``what`` when a logical name has no rule, when two of the
-    array's logical axes land on one mesh axis, or when a mesh split does not divide its dim.
+    array's logical axes land on one mesh axis, or when the mesh does not divide an expert
+    stack (``STRICT``). Other dimensions take the largest subset of their axes that divides.
     """
     if len(names) != len(shape):
         raise ShardingError(f"{what}: {len(names)} axis names {names} for shape {shape}")
@@ -145,16 +141,31 @@ def spec_for(
                     f"{what}: logical axes {used[a]!r} and {name!r} both map to mesh axis "
                     f"{a!r}; an array can be split over a mesh axis only once"
                 )
-            used[a] = name
         ways = math.prod(mesh.shape[a] for a in axes)
-        if size % ways:
+        if size % ways and name in STRICT:
             split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
             raise ShardingError(
                 f"{what}: axis {name!r} of size {size} cannot be split over mesh axes "
                 f"{split} ({ways} ways): {size} is not divisible by {ways}"
             )
+        if size % ways:
+            axes = dividing_axes(axes, size, mesh.shape)
+        for a in axes:
+            used[a] = name
         parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*parts)
+
+
+def dividing_axes(axes: tuple[str, ...], size: int, mesh_shape) -> tuple[str, ...]:
+    """The ordered subset of ``axes`` with the most devices whose product divides ``size``
+    (earliest first on ties); ``()`` when none does."""
+    best: tuple[str, ...] = ()
+    for k in range(len(axes), 0, -1):
+        for subset in itertools.combinations(axes, k):
+            ways = math.prod(mesh_shape[a] for a in subset)
+            if size % ways == 0 and ways > math.prod(mesh_shape[a] for a in best):
+                best = subset
+    return best
 
 
 def _path_name(path) -> str:

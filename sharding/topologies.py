@@ -12,23 +12,40 @@ import re
 
 GIB = 2**30
 
+# A stated assumption, not a measurement: every collective costs at least this long whatever
+# its size. ICI's per-hop latency is about 1 us (the scaling book, "How to Think About TPUs",
+# jax-ml.github.io/scaling-book); a small all-reduce over the ~10 hops of a bidirectional ring
+# across a 32-64 chip torus is then ~10 us. At decode, where every collective carries a few KB,
+# this term, not the bandwidth, is what collectives cost.
+COLLECTIVE_LATENCY_S = 10e-6
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip: HBM bytes, HBM bandwidth (bytes/s), TensorCores a slice name counts."""
+    """One TPU chip: HBM bytes, HBM bandwidth (bytes/s), TensorCores a slice name counts, peak
+    bf16 FLOP/s, ICI bandwidth (bytes/s per chip, one direction summed over its links) and the
+    latency charged per collective (seconds)."""
 
     name: str
     hbm_bytes: int
     hbm_bandwidth: float
     cores_per_chip_in_name: int
+    peak_flops: float = 0.0
+    ici_bandwidth: float = 0.0
+    collective_latency_s: float = COLLECTIVE_LATENCY_S
 
 
-# Figures from ../shared/K2_REFERENCE.md ("Sizes that set the hardware").
+# HBM and bandwidth as in ../shared/K2_REFERENCE.md ("Sizes that set the hardware"). Peak bf16
+# FLOP/s and the bidirectional ICI bandwidth per chip from Cloud TPU's system-architecture pages
+# (cloud.google.com/tpu/docs/v5e, /v5p, /v6e, /tpu7x): v5e 197 TFLOP/s, 400 GB/s; v5p 459
+# TFLOP/s, 1200 GB/s; v6e 918 TFLOP/s, 800 GB/s; TPU7x (Ironwood) 4614 TFLOP/s FP8, taken as
+# 2307 bf16, 1200 GB/s. A collective's bytes are charged against half the ICI figure (what a
+# chip receives, one direction).
 CHIPS: dict[str, Chip] = {
-    "v5e": Chip("v5e", 16 * 10**9, 819e9, 1),
-    "v5p": Chip("v5p", 95 * GIB, 2765e9, 2),
-    "v6e": Chip("v6e", 32 * 10**9, 1638e9, 1),
-    "tpu7x": Chip("tpu7x", 192 * GIB, 7.4e12, 2),
+    "v5e": Chip("v5e", 16 * 10**9, 819e9, 1, 197e12, 400e9 / 2),
+    "v5p": Chip("v5p", 95 * GIB, 2765e9, 2, 459e12, 1200e9 / 2),
+    "v6e": Chip("v6e", 32 * 10**9, 1638e9, 1, 918e12, 800e9 / 2),
+    "tpu7x": Chip("tpu7x", 192 * GIB, 7.4e12, 2, 2307e12, 1200e9 / 2),
 }
 
 # Chips -> physical topology. 2-D tori for v5e/v6e, 3-D for v5p and TPU7x.

@@ -7,6 +7,7 @@ The full-size runs compile the 1T-parameter model ahead of time on this CPU-only
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import reference
 
 from k2jax import model as k2model
 from k2jax.model.config import Config
-from sharding import plan, rules, topologies
+from sharding import collectives, plan, rules, search, topologies
 from sharding.mesh import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +56,12 @@ def test_k2_weights_total_594_gb_and_split_by_rules():
     experts = sum(t for p, (t, _) in split.items() if "/experts/" in p)
     assert round(total / GB, 1) == 594.2
     assert round(experts / GB, 1) == 570.8
+    # Everything is split over the 8 chips but q_a, kv_a, the routers and the norms.
+    whole = ("w_q_down", "w_kv_down", "w_router", "e_score", "norm")
     per_device = sum(d for _, d in split.values())
-    assert per_device == (total - experts) + experts // 8
+    assert per_device == sum(
+        t if any(w in p for w in whole) else t // 8 for p, (t, _) in split.items()
+    )
 
 
 def test_plan_tiny_on_tpu_topology_or_cpu_fallback():
@@ -73,6 +78,100 @@ def test_plan_tiny_on_tpu_topology_or_cpu_fallback():
     assert r["total_bytes"] == r["weight_bytes"] + r["kv_cache_bytes"] + r["temp_bytes"]
     # The compiler's argument bytes are the weights plus the cache plus the token inputs.
     assert r["argument_bytes"] >= r["weight_bytes"] + r["kv_cache_bytes"]
+
+
+def _tiny_cfg() -> Config:
+    return Config.from_hf(reference.hf_config_dict(num_attention_heads=8, num_key_value_heads=8))
+
+
+def test_plan_picks_a_layout_and_reports_the_roofline():
+    """No mesh: the search ranks every factorization of the slice and compiles the best that
+    fits; the roofline fields follow from the compiled program's figures and the chip's."""
+    cfg = _tiny_cfg()
+    r = plan.plan(cfg, None, topology="v5p-8", batch=2, context=256)
+    chips = topologies.resolve("v5p-8").chips
+    assert math.prod(r["mesh"].values()) == chips and r["fits"]
+    ranked = search.rank(cfg, topologies.resolve("v5p-8"), batch=2, context=256, page_size=64)
+    best = ranked[0]
+    assert r["layout_search"]["chosen"] == f"{best.mesh} {best.strategy}"
+    assert r["mesh"] == best.mesh and "est. ms" in r["layout_search"]["why"]
+    if not _have_libtpu():
+        return  # CPU devices: no chip, so no roofline
+    # The decode step's collectives, from the compiled HLO: per layer the attention output's
+    # all-reduce and the MoE's (the shared expert's merged into it), plus the embedding's, each
+    # of [batch, 1, D] bf16 over the chips that split the weights.
+    ways = r["mesh"]["expert"] * r["mesh"]["tensor"]
+    assert r["ici_ops"] == {"all-reduce": 1 + 2 * cfg.num_layers}
+    per_op = 2 * (ways - 1) / ways * 2 * cfg.hidden_size * 2
+    assert r["ici_bytes"]["all-reduce"] == pytest.approx(per_op * r["ici_ops"]["all-reduce"])
+    chip = topologies.CHIPS["v5p"]
+    coll = r["ici_ops"]["all-reduce"] * chip.collective_latency_s
+    coll += r["ici_bytes"]["all-reduce"] / chip.ici_bandwidth
+    assert r["collective_s"] == pytest.approx(coll)
+    assert r["hbm_s"] == pytest.approx(r["bytes_accessed"] / chip.hbm_bandwidth)
+    assert r["compute_s"] == pytest.approx(r["flops"] / chip.peak_flops)
+    assert r["flops"] >= r["flops_xla"] > 0
+    step = max(r["hbm_s"], r["compute_s"]) + r["collective_s"]
+    assert r["roofline_step_s"] == pytest.approx(step)
+    assert r["tokens_per_s_per_user"] == pytest.approx(1 / step)
+    assert r["tokens_per_s_per_chip"] == pytest.approx(2 / step / chips)
+    per_token = cfg.num_layers * cfg.cache_width * 2
+    free = r["hbm_bytes"] - r["weight_bytes"] - r["temp_bytes"]
+    assert r["kv_capacity_tokens"] == free // per_token
+
+
+def test_collectives_counts_loop_trips_and_group_sizes():
+    """A hand-written HLO module: an all-reduce at the top, an async all-gather in a loop body
+    run 5 times (bound read from the loop condition), groups written both ways."""
+    text = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8] get-tuple-element(%p), index=1
+  %ag = (f32[2], f32[8]) all-gather-start(%x), replica_groups=[2,4]<=[8], dimensions={0}
+  %agd = f32[8] all-gather-done(%ag)
+  ROOT %t = (s32[], f32[8]) tuple(%i, %agd)
+}
+
+ENTRY %main (a: bf16[4,16]) -> bf16[4,16] {
+  %a = bf16[4,16] parameter(0)
+  %ar = bf16[4,16] all-reduce(%a), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%sum
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  ROOT %r = bf16[4,16] copy(%ar)
+}
+"""
+    ops = collectives.collectives(text, 8)
+    mesh_form = "replica_groups=mesh['axis_0'=4,'axis_1'=2,'axis_2'=1] {'axis_0','axis_1'},"
+    assert collectives.group_size(mesh_form, 16) == 8
+    assert collectives.group_size("replica_groups=[2,4]<=[8]", 8) == 4
+    assert ops["all-reduce"] == {"count": 1, "bytes": 2 * (1 / 2) * 4 * 16 * 2}
+    assert ops["all-gather"] == {"count": 5, "bytes": 5 * (3 / 4) * 8 * 4}
+    assert collectives.collective_seconds(ops, 1e9, 1e-5) == pytest.approx(6e-5 + (128 + 120) / 1e9)
+
+
+def test_cli_batch_list_and_plot(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps(reference.hf_config_dict(num_attention_heads=8, num_key_value_heads=8))
+    )
+    png = tmp_path / "plan.png"
+    args = ["--config", str(path), "--topology", "v5p-8", "--context", "128", "--json"]
+    assert plan.main([*args, "--batch", "1,4", "--plot", str(png)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["batch"] for r in rows] == [1, 4]
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    text = plan.format_rows(rows)
+    assert len(text.splitlines()) == 3 and "tok/s/chip" in text
+    with pytest.raises(SystemExit):
+        plan.main([*args, "--batch", "1,x"])
+    assert "expected integers" in capsys.readouterr().err
 
 
 def _run_plan(*args: str) -> dict:
@@ -94,13 +193,15 @@ def _run_plan(*args: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("topology", "mesh", "expert_ways"),
-    [("v5p-64", "data=1,expert=32,tensor=1", 32), ("v6e-64", "data=1,expert=8,tensor=8", 64)],
+    ("topology", "mesh", "ways"), [("v5p-64", None, 32), ("v6e-64", "data=1,expert=8,tensor=8", 64)]
 )
-def test_full_k2_plan_compiles_for_tpu(topology, mesh, expert_ways):
+def test_full_k2_plan_compiles_for_tpu(topology, mesh, ways):
+    """v5p-64 with the layout the plan picks, v6e-64 with a given mesh."""
     assert _have_libtpu(), "libtpu is part of the test extra; the TPU compiler must be used"
-    r = _run_plan("--topology", topology, "--mesh", mesh, "--batch", "1", "--context", "8192")
+    chosen = ("--mesh", mesh) if mesh else ()
+    r = _run_plan("--topology", topology, *chosen, "--batch", "1", "--context", "8192")
     assert r["compiler"].startswith("XLA:TPU"), r["compiler"]
+    assert r["mesh"]["data"] == 1 and r["mesh"]["expert"] * r["mesh"]["tensor"] == ways
     # The kernels' copies are counted for a stated routing, on the busiest shard per layer:
     # at batch 1 the 8 choices land on at most 8 shards, so the busiest copies at least one
     # expert's INT4 payload per layer (24.8 MB) and at most 8; the mean is far below it.
@@ -111,16 +212,21 @@ def test_full_k2_plan_compiles_for_tpu(topology, mesh, expert_ways):
     assert "seed" in r["kernel_routing"]
     for key in ("weight_bytes", "kv_cache_bytes", "temp_bytes", "total_bytes", "hbm_bytes"):
         assert isinstance(r[key], int) and r[key] >= 0, key
-    assert r["bytes_accessed"] > 0
-    # Weight bytes per device agree with the arithmetic: experts / ways + the rest by its rules.
+    # Weight bytes per device agree with the arithmetic: everything split over all chips but
+    # q_a, kv_a, routers and norms (2.2 GB whole on every chip).
     split = r["weight_split"]
     assert round(r["total_weight_bytes_all_devices"] / GB, 1) == 594.2
     experts = split["routed experts (INT4 + scales)"]
-    assert experts["per_device"] == experts["total"] // expert_ways
-    tensor = int(mesh.rsplit("=", 1)[1])
-    for kind in ("attention (MLA)", "dense MLP", "shared experts", "embed + lm_head"):
-        assert split[kind]["per_device"] <= split[kind]["total"] // tensor + 3 * GB, kind
+    assert experts["per_device"] == experts["total"] // ways
+    for kind in ("dense MLP", "shared experts", "embed + lm_head"):
+        assert split[kind]["per_device"] == split[kind]["total"] // ways, kind
+    attn = split["attention (MLA)"]
+    assert attn["per_device"] <= attn["total"] // ways + 1.9 * GB
     assert r["weight_bytes"] == sum(row["per_device"] for row in split.values())
+    # Two all-reduces a layer and one for the embedding, read from the compiled program.
+    assert r["ici_ops"] == {"all-reduce": 2 * 61 + 1}
+    assert r["roofline_step_s"] >= max(r["hbm_s"], r["compute_s"]) > 0
+    assert r["kv_capacity_tokens"] > 0
     assert r["fits"], r
 
 

@@ -1,0 +1,207 @@
+"""Which layout the plan compiles when no ``--mesh`` is given: every mesh factorization and
+strategy, ranked by an arithmetic estimate of the decode step.
+
+For a slice of n chips every (data, expert, tensor) with data x expert x tensor = n is a
+candidate, with each strategy searched (``DECODE_STRATEGIES``), if the rules place the model on
+it (the expert stacks divide) and data divides the batch. The estimate, per chip and decode
+step, uses only arithmetic (no compile, milliseconds a candidate):
+
+- weights: ``rules.param_bytes_per_device`` (what the rules put on a chip);
+- KV: the whole latent pool (replicated; see docs/sharding.md, "Long contexts");
+- reads: the dense weights a chip holds + the routed experts its tokens choose (the expected
+  distinct experts on one shard, uniform routing) + the cache of its sequences;
+- FLOPs: 2 x tokens x the dense weights a chip holds + attention over the context for its heads
+  + the chosen experts;
+- collectives: two all-reduces per layer (attention output; MoE combine, into which XLA
+  merges the shared expert's) and one for the embedding, each at the chip's stated latency.
+
+A candidate fits when weights + KV leave 5% of HBM for the compiler's temporaries. The plan
+compiles the best fitting one, and the next when the compiler says it does not fit; the
+compiled program's figures (not this estimate) are what it reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from k2jax.model.config import Config
+from sharding import rules, topologies
+from sharding.mesh import AXES
+
+HEADROOM = 0.95
+# The strategies searched for the decode step. ``prefill`` (the batch over ``expert`` too) is
+# left out: with the heads split over ``expert`` and the latent pool replicated, XLA:TPU
+# regathers per layer; measured on v5p-64 at batch 64, context 8192, it read 18.9 TB and sent
+# 67 GB over ICI a step (6.97 s). Splitting the batch for attention needs the partitioned
+# pool (data-parallel attention, deferred).
+DECODE_STRATEGIES = ("decode",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    mesh: dict[str, int]
+    strategy: str
+    weight_bytes: int
+    kv_bytes: int
+    read_bytes: float
+    flops: float
+    collectives: int
+    step_s: float
+    fits: bool
+
+    def label(self) -> str:
+        sizes = ",".join(f"{a}={self.mesh[a]}" for a in AXES)
+        return f"{sizes} {self.strategy}"
+
+
+def factorizations(n: int) -> list[dict[str, int]]:
+    """Every (data, expert, tensor) whose product is ``n``."""
+    out = []
+    for d in range(1, n + 1):
+        if n % d:
+            continue
+        for e in range(1, n // d + 1):
+            if (n // d) % e:
+                continue
+            out.append({"data": d, "expert": e, "tensor": n // d // e})
+    return out
+
+
+def pool_bytes(cfg: Config, batch: int, context: int, page_size: int, itemsize: int) -> int:
+    """The latent pool of ``batch`` sequences of ``context`` positions (+ the scratch page)."""
+    pages = batch * -(-context // page_size) + 1
+    return cfg.num_layers * pages * page_size * cfg.cache_width * itemsize
+
+
+def estimate(
+    cfg: Config,
+    chip: topologies.Chip,
+    sizes: dict[str, int],
+    strategy: str,
+    *,
+    batch: int,
+    context: int,
+    page_size: int,
+    dtype=jnp.bfloat16,
+) -> Candidate | None:
+    """The arithmetic estimate for one layout, or None when the rules cannot place the model."""
+    mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
+    try:
+        split = rules.param_bytes_per_device(cfg, mesh, dtype, strategy)
+    except rules.ShardingError:
+        return None
+    itemsize = jnp.dtype(dtype).itemsize
+    d, e, t = sizes["data"], sizes["expert"], sizes["tensor"]
+    if d > 1 and e * t == 1:
+        # Experts unsplit: the MoE runs outside its shard_map, and XLA cannot partition the
+        # Pallas expert kernel over ``data`` itself (Mosaic kernels are not auto-partitioned).
+        return None
+    batch_axes = rules.rules_for(strategy)["act_batch"]
+    ways = math.prod(sizes[a] for a in batch_axes)
+    if batch % ways:
+        return None
+    weights = sum(per for _, per in split.values())
+    experts_total = sum(tot for p, (tot, _) in split.items() if "/experts/" in p)
+    dense_per_chip = sum(per for p, (_, per) in split.items() if "/experts/" not in p)
+    kv = pool_bytes(cfg, batch, context, page_size, itemsize)
+    tokens = batch // d  # the tokens the MoE of one chip sees (gathered over expert if split)
+    attn_tokens = batch // ways
+    layers, moe_layers = cfg.num_layers, cfg.num_moe_layers
+    num_e = cfg.n_routed_experts
+    local = num_e // (e * t)
+    per_expert = experts_total / max(moe_layers * num_e, 1)
+    pairs = tokens * cfg.num_experts_per_tok
+    distinct = local * (1 - (1 - 1 / num_e) ** pairs)
+    kv_read = attn_tokens * context * layers * cfg.cache_width * itemsize
+    read = dense_per_chip + moe_layers * distinct * per_expert + kv_read
+    heads = cfg.num_heads // (e if cfg.num_heads % e == 0 else 1)
+    width = cfg.kv_lora_rank * 2 + cfg.qk_rope_head_dim
+    flops = (
+        2 * tokens * dense_per_chip / itemsize
+        + 2 * attn_tokens * heads * context * width * layers
+        + 2 * 3 * pairs / (e * t) * cfg.hidden_size * cfg.moe_intermediate_size * moe_layers
+    )
+    # Attention output and the MoE combine (XLA merges the shared expert's reduction into it).
+    collectives = 2 * layers + 1 if e * t > 1 else 0
+    if strategy == "prefill" and e > 1:
+        # The batch holds ``expert``: the head-split attention weights are gathered per layer.
+        collectives += 2 * layers
+    step = (
+        max(read / chip.hbm_bandwidth, flops / chip.peak_flops)
+        + collectives * chip.collective_latency_s
+    )
+    fits = weights + kv <= HEADROOM * chip.hbm_bytes
+    return Candidate(dict(sizes), strategy, weights, kv, read, flops, collectives, step, fits)
+
+
+def rank(
+    cfg: Config,
+    slice_: topologies.Slice,
+    *,
+    batch: int,
+    context: int,
+    page_size: int,
+    dtype=jnp.bfloat16,
+    strategies: tuple[str, ...] = DECODE_STRATEGIES,
+) -> list[Candidate]:
+    """Every placeable layout of ``slice_``, fitting ones first, then by estimated step time."""
+    out = []
+    for sizes in factorizations(slice_.chips):
+        for strategy in strategies:
+            c = estimate(
+                cfg,
+                slice_.chip,
+                sizes,
+                strategy,
+                batch=batch,
+                context=context,
+                page_size=page_size,
+                dtype=dtype,
+            )
+            if c is not None:
+                out.append(c)
+    # Ties (expert x tensor factorizations place the decode step alike) go to the decode
+    # strategy, then to the larger expert axis: the layout whose prefill splits the batch most.
+    return sorted(
+        out,
+        key=lambda c: (
+            not c.fits,
+            round(c.step_s, 9),
+            c.weight_bytes,
+            c.strategy != "decode",
+            -c.mesh["expert"],
+        ),
+    )
+
+
+def explain(ranked: list[Candidate], top: int = 5) -> str:
+    """The ranking as text: why the first one was chosen."""
+    gb = 1e9
+    lines = [
+        f"layout search: {len(ranked)} placeable layouts; estimate (arithmetic, per chip): "
+        "weights + KV vs HBM, step = max(reads / HBM bw, FLOPs / peak) + collectives x latency",
+        f"  {'mesh, strategy':38s} {'fits':>5s} {'weights GB':>10s} {'KV GB':>7s} "
+        f"{'reads GB':>9s} {'colls':>6s} {'est. ms':>8s}",
+    ]
+    for c in ranked[:top]:
+        lines.append(
+            f"  {c.label():38s} {'yes' if c.fits else 'no':>5s} {c.weight_bytes / gb:10.2f} "
+            f"{c.kv_bytes / gb:7.2f} {c.read_bytes / gb:9.2f} {c.collectives:6d} "
+            f"{c.step_s * 1e3:8.2f}"
+        )
+    best = ranked[0]
+    if best.fits:
+        lines.append(
+            f"chosen: {best.label()}, the fitting layout with the lowest estimated step "
+            "(ties: the larger expert axis); the compiled program's figures are reported"
+        )
+    else:
+        lines.append(
+            f"no layout fits weights + KV in {HEADROOM:.0%} of HBM; compiled the closest, "
+            f"{best.label()}, to report what the compiler says"
+        )
+    return "\n".join(lines)
