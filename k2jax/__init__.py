@@ -31,8 +31,9 @@ from k2jax.kernels.platform import default_to_cpu_without_accelerators
 
 default_to_cpu_without_accelerators()
 
+from k2jax.default_model import load_default  # noqa: E402
 from k2jax.load import load  # noqa: E402
 from k2jax.model.config import Config, ConfigError  # noqa: E402
 from k2jax.serving.loaded_model import Model  # noqa: E402
 
-__all__ = ["Config", "ConfigError", "Model", "load"]
+__all__ = ["Config", "ConfigError", "Model", "load", "load_default"]

@@ -1,14 +1,23 @@
-"""The built-in default model: a seeded RANDOM, UNTRAINED model with Kimi K2's structure.
+"""The built-in models: the TRAINED default model, and a seeded RANDOM one for tests.
 
-It exists so ``python -m k2jax.sample`` runs with nothing downloaded: MLA attention with the
-latent cache, YaRN rope, one dense layer then MoE layers with a sigmoid router, a shared expert
-and INT4 (group-32, packed) routed experts, exactly as in K2 Thinking, only tiny. Its weights
-are ``k2jax.model.init_params`` of a fixed seed, so it produces the same gibberish everywhere.
-It has no tokenizer: its vocabulary is the 256 byte values followed by a few special ids, so
-text can be byte-encoded into it (and its output bytes shown), clearly not K2's tokenizer.
+``load_default()`` returns the trained default model shipped in ``k2jax/default_weights``
+(an HF K2 Thinking checkpoint written by ``python -m k2jax.train --recipe default --ship``:
+K2's structure at toy size, INT4 experts trained with QAT, a sentencepiece tokenizer, trained
+to think briefly and call the built-in tools of ``k2jax.chat.tools``; see its MODEL_CARD.md).
+``python -m k2jax.sample`` runs it when no checkpoint is given.
+
+``default_model()`` is the RANDOM, UNTRAINED model (``--random-model`` in the CLI), which
+tests and benchmarks use: MLA attention with the latent cache, YaRN rope, one dense layer
+then MoE layers with a sigmoid router, a shared expert and INT4 (group-32, packed) routed
+experts, exactly as in K2 Thinking, only tiny. Its weights are ``k2jax.model.init_params`` of a
+fixed seed, so it produces the same gibberish everywhere. It has no tokenizer: its vocabulary
+is the 256 byte values followed by a few special ids, so text can be byte-encoded into it (and
+its output bytes shown), clearly not K2's tokenizer.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +79,37 @@ HF_CONFIG = {
     "pad_token_id": PAD_ID,
     "quantization_config": int4_quantization_config(32),
 }
+
+
+TRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_weights")
+TRAINED_DESCRIPTION = (
+    "k2jax trained default model: Kimi K2's architecture at toy size (INT4 experts trained "
+    "with QAT), trained only to think briefly and call a calculator, a unit converter and a "
+    "capital lookup (see k2jax/default_weights/MODEL_CARD.md); it knows nothing else."
+)
+
+
+def trained_available() -> bool:
+    """Whether the trained default model's weights are installed with the package."""
+    return os.path.isfile(os.path.join(TRAINED_DIR, "model.safetensors.index.json"))
+
+
+def load_default(dtype="auto") -> Model:
+    """The trained default model as a ``Model`` with ``model.tokenizer`` (sentencepiece).
+
+    ``dtype`` as for ``k2jax.load`` ("auto": float32 on the CPU, bfloat16 on accelerators).
+    """
+    if not trained_available():
+        raise FileNotFoundError(
+            f"the trained default model is not installed ({TRAINED_DIR} has no weights); "
+            "train it with python -m k2jax.train --recipe default --ship"
+        )
+    import k2jax  # the loader sits beside this module, not below it
+    from k2jax.chat.tokenizer import load_tokenizer
+
+    model = k2jax.load(TRAINED_DIR, dtype=dtype)
+    model.tokenizer = load_tokenizer(TRAINED_DIR)
+    return model
 
 
 def default_config() -> Config:

@@ -1,6 +1,8 @@
 """``python -m k2jax.sample``: generate from a checkpoint, or from the built-in default model.
 
-    python -m k2jax.sample                                  # default model (random, untrained)
+    python -m k2jax.sample                                  # the trained default model
+    python -m k2jax.sample --chat "What is 347 * 29?"       # ... thinking and calling tools
+    python -m k2jax.sample --random-model                   # the random, untrained toy model
     python -m k2jax.sample --checkpoint DIR --prompt "Hello" --max-new-tokens 64
     python -m k2jax.sample --checkpoint DIR --prompt-ids 1,2,3 --temperature 0 --json
     python -m k2jax.sample --checkpoint DIR --chat "What is 2+3?"
@@ -34,6 +36,7 @@ from k2jax.serving.options import GenerateOptions  # noqa: E402
 from sharding import distributed  # noqa: E402
 
 DEFAULT_PROMPT = "The capital of France is"
+AGENT_TURN_TOKENS = 128  # one reasoning + tool-call turn of the trained default model fits
 BYTE_LABEL = "utf-8 bytes (the default model has no tokenizer)"
 
 from k2jax.chat import cli as chat_cli  # noqa: E402
@@ -58,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         metavar="DIR",
-        help="checkpoint directory (anything k2jax.load accepts); default: the built-in random "
-        "toy model",
+        help="checkpoint directory (anything k2jax.load accepts); default: the built-in "
+        "trained toy model (k2jax.load_default)",
+    )
+    p.add_argument(
+        "--random-model",
+        action="store_true",
+        help="run the built-in RANDOM, untrained toy model (byte-level) instead",
     )
     p.add_argument(
         "--dtype",
@@ -70,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", type=_ids, metavar="1,2,3", help="prompt token ids")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens (per model turn with --chat); default 32, or 128 per turn for the "
+        "trained default model's agent loop",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -133,8 +147,9 @@ def _check_checkpoint_dir(path: str) -> None:
         )
 
 
-def _check_before_loading(args) -> _Checked:
-    """Paths, config, tokenizer, tools, prompt and mesh, checked without touching the weights."""
+def check_model_args(args) -> _Checked:
+    """--checkpoint (config and tokenizer) and --mesh, checked without touching the weights;
+    `prompt_ids` is left empty. Shared with ``python -m k2jax.serve``."""
     if args.checkpoint is None:
         config, tok, byte_level = default_model.default_config(), None, True
     else:
@@ -151,8 +166,33 @@ def _check_before_loading(args) -> _Checked:
                 f"{tok.used_ids_end - 1} but the model's vocabulary has {config.vocab_size} "
                 "(vocab_size in config.json); the tokenizer does not belong to this model"
             )
+    sizes = None
+    if args.mesh is not None:
+        from sharding.rules import check_mesh
+
+        sizes = check_mesh(config, args.mesh, jax.device_count())
+    return _Checked(config, tok, byte_level, [], sizes)
+
+
+def _use_trained_default(args) -> None:
+    """No --checkpoint: the trained default model, unless --random-model asks for the random
+    one (or the trained weights are not installed)."""
+    args.trained_default = False
+    if args.checkpoint is None and not args.random_model and default_model.trained_available():
+        args.checkpoint = default_model.TRAINED_DIR
+        args.trained_default = True
+
+
+def _check_before_loading(args) -> _Checked:
+    """Paths, config, tokenizer, tools, prompt and mesh, checked without touching the weights."""
+    checked = check_model_args(args)
+    config, tok, byte_level = checked.config, checked.tokenizer, checked.byte_level
     chat = args.chat
     tools = chat_cli.load_tool_declarations(args.tools) if args.tools else None
+    if tools is None and getattr(args, "trained_default", False):
+        from k2jax.chat.tools import DECLARATIONS
+
+        tools = list(DECLARATIONS)
     if chat is not None:
         if tok is None:
             where = "the default model" if args.checkpoint is None else args.checkpoint
@@ -194,12 +234,7 @@ def _check_before_loading(args) -> _Checked:
             f"{args.max_new_tokens} new tokens exceeds the model's context ({context}); lower "
             f"--max-new-tokens to at most {context - len(ids)}"
         )
-    sizes = None
-    if args.mesh is not None:
-        from sharding.rules import check_mesh
-
-        sizes = check_mesh(config, args.mesh, jax.device_count())
-    return _Checked(config, tok, byte_level, ids, sizes)
+    return dataclasses.replace(checked, prompt_ids=ids)
 
 
 def _load_model(args, checked: _Checked):
@@ -225,7 +260,8 @@ def _load_model(args, checked: _Checked):
 
         model = k2jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
         c = model.config
-        desc = (
+        trained = getattr(args, "trained_default", False)
+        desc = (default_model.TRAINED_DESCRIPTION + " " if trained else "") + (
             f"checkpoint {os.path.abspath(args.checkpoint)}: {c.num_layers} layers, hidden "
             f"{c.hidden_size}, {c.n_routed_experts} experts (top-{c.num_experts_per_tok}), "
             f"vocab {c.vocab_size}, {model.dtype}; "
@@ -288,6 +324,48 @@ class _TextStream:
         return ""
 
 
+def _run_agent(model, tok, args, options) -> None:
+    """--chat with the trained default model: the agent loop with the built-in tools, each
+    step printed (reasoning apart, each tool call and its result, then the answer)."""
+    from k2jax.chat.agent import Agent
+    from k2jax.chat.parse import ParseEvent
+    from k2jax.chat.tools import builtin_tools
+
+    section = None
+
+    def show(event) -> None:
+        nonlocal section
+        if not isinstance(event, ParseEvent):  # a tool result message
+            sys.stdout.write(f"\n[tool result] {event['name']}: {event['content']}")
+            section = "tool_result"
+        elif event.kind == "tool_call":
+            call = {k: event.tool_call[k] for k in ("id", "type", "function")}
+            sys.stdout.write(f"\n[tool call] {json.dumps(call, ensure_ascii=False)}")
+            section = "tool_call"
+        else:
+            if event.kind != section:
+                label = "[thinking] " if event.kind == "reasoning" else "[answer] "
+                sys.stdout.write(("\n" if section is not None else "") + label)
+                section = event.kind
+            sys.stdout.write(event.text)
+        sys.stdout.flush()
+
+    agent = Agent(
+        model,
+        builtin_tools(),
+        tokenizer=tok,
+        system=args.system,
+        max_steps=6,
+        max_new_tokens=args.max_new_tokens,
+        options=options,
+        on_event=show,
+    )
+    result = agent.run(args.chat)
+    sys.stdout.write("\n")
+    if result.stop_reason != "answer":
+        print(f"[k2jax] the agent stopped: {result.stop_reason}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -301,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.chat is not None and (args.prompt is not None or args.prompt_ids is not None):
         parser.error("--chat takes the prompt itself; drop --prompt / --prompt-ids")
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     # Sampling and engine values are refused here, before any model is built.
     options = GenerateOptions.of(
@@ -318,6 +396,10 @@ def _sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
     )
     distributed.initialize_from_args(args)  # a no-op for a single-process run
+    _use_trained_default(args)
+    if args.max_new_tokens is None:
+        agent = args.chat is not None and args.trained_default and not args.tools
+        args.max_new_tokens = AGENT_TURN_TOKENS if agent else 32
     checked = _check_before_loading(args)
     if not distributed.is_main_process():  # every host runs the same program; one prints
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (errors still reach stderr)
@@ -327,6 +409,9 @@ def _sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(f"[k2jax] {desc}", file=sys.stderr, flush=True)
     tok, byte_level = checked.tokenizer, checked.byte_level
 
+    if args.chat is not None and args.trained_default and not args.tools:
+        _run_agent(model, tok, args, options)
+        return 0
     if args.chat is not None:
         chat_cli.stream_reply(model, tok, checked.prompt_ids, args.max_new_tokens, options)
         return 0

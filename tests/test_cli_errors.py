@@ -172,7 +172,11 @@ SAMPLE_CASES = [
         ["--tools", "bad_tools.json", "not valid JSON"],
     ),
     ("prompt with chat", lambda p: ["--chat", "hi", "--prompt", "hello"], ["--chat", "--prompt"]),
-    ("chat without a tokenizer", lambda p: ["--chat", "hi"], ["--chat needs a tokenizer"]),
+    (
+        "chat without a tokenizer",
+        lambda p: ["--random-model", "--chat", "hi"],
+        ["--chat needs a tokenizer"],
+    ),
     (
         "tokenizer larger than the vocabulary",
         lambda p: ["--checkpoint", p["big_tokenizer"], "--prompt", "hi"],
@@ -212,7 +216,10 @@ def test_debug_shows_the_traceback(paths):
 
 def test_ctrl_c_during_generation_stops_cleanly(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "k2jax.sample", "--max-new-tokens", "10000", "--no-compile-cache"],
+        [
+            *(sys.executable, "-m", "k2jax.sample", "--random-model"),  # never stops early
+            *("--max-new-tokens", "10000", "--no-compile-cache"),
+        ],
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.PIPE,

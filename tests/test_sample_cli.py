@@ -41,7 +41,8 @@ def run_cli(args, tmp_path, check=True, devices=1):
 
 def test_default_model_runs_and_says_what_it_is(tmp_path):
     proc = run_cli(
-        ["--max-new-tokens", "6", "--temperature", "0", "--json", "--logprobs"], tmp_path
+        ["--random-model", "--max-new-tokens", "6", "--temperature", "0", "--json", "--logprobs"],
+        tmp_path,
     )
     out = json.loads(proc.stdout)
     assert "RANDOM, UNTRAINED" in proc.stderr and "RANDOM, UNTRAINED" in out["model"]
