@@ -91,7 +91,10 @@ def estimate(
     """The arithmetic estimate for one layout, or None when the rules cannot place the model."""
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
     try:
-        split = rules.param_bytes_per_device(cfg, mesh, dtype, strategy)
+        # Expert bytes in the checkpoint's own format: FP8 experts at 1 byte a weight, INT4
+        # ones at 4.5 bits (the words layout holds the same bytes as the TPU's int4 layout).
+        layout = "fp8" if cfg.quantization.kind == "fp8" else "words"
+        split = rules.param_bytes_per_device(cfg, mesh, dtype, strategy, layout)
     except rules.ShardingError:
         return None
     itemsize = jnp.dtype(dtype).itemsize
