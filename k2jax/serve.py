@@ -1,6 +1,7 @@
 """``python -m k2jax.serve``: an OpenAI-compatible HTTP server (see docs/serving.md).
 
-    python -m k2jax.serve                                # the built-in default model (random)
+    python -m k2jax.serve                                # the trained default model
+    python -m k2jax.serve --random-model                 # the random toy model (byte tokens)
     python -m k2jax.serve --checkpoint DIR --port 8000 --max-batch 32 --num-pages 4096
     python -m k2jax.serve --checkpoint DIR --mesh data=1,expert=8,tensor=1
 
@@ -42,8 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         metavar="DIR",
-        help="checkpoint directory (anything k2jax.load accepts); default: the built-in random "
-        "toy model, with a byte-level chat tokenizer",
+        help="checkpoint directory (anything k2jax.load accepts); default: the built-in trained "
+        "toy model (k2jax.load_default) with its tokenizer",
+    )
+    p.add_argument(
+        "--random-model",
+        action="store_true",
+        help="serve the built-in RANDOM, untrained toy model instead, with a byte-level chat "
+        "tokenizer",
     )
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     p.add_argument(
@@ -118,7 +125,7 @@ def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def _model_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return args.served_model_name
-    if args.checkpoint is None:
+    if args.checkpoint is None or getattr(args, "trained_default", False):
         return DEFAULT_MODEL_NAME
     return os.path.basename(os.path.normpath(args.checkpoint))
 
@@ -134,6 +141,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "run hosts other than process 0 in lockstep with it; serve from one process (one "
             "host's devices, with --mesh) for now"
         )
+    sample._use_trained_default(args)  # no --checkpoint: the trained default model
     checked = sample.check_model_args(args)
     tokenizer = checked.tokenizer
     if checked.byte_level:
@@ -146,7 +154,10 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         page_size=args.page_size,
         num_pages=args.num_pages,
-        compiler_options=default_model.FAST_COMPILE if checked.byte_level else None,
+        # The built-in toy models compile for longer than they run: XLA's fast options.
+        compiler_options=default_model.FAST_COMPILE
+        if checked.byte_level or getattr(args, "trained_default", False)
+        else None,
     )
     engine = PersistentEngine(
         model, config, max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache
