@@ -166,24 +166,66 @@ class QuantizedWeight:
         return cls(packed, params[scale_name], group_size, _layer(packed, 4, layer, proj))
 
 
+class _ValuesAndScale:
+    """What ``Int4Weight`` and ``Fp8Weight`` share: a stack of ``values`` with its ``scale`` (and
+    an optional ``layer`` index into both), taken, sliced, sized and sharded alike. Subclasses
+    name their two params (``SUFFIXES``) and the rank of a stacked values array
+    (``STACKED_NDIM``: [L, E, ...])."""
+
+    SUFFIXES: ClassVar[tuple[str, str]]
+    STACKED_NDIM: ClassVar[int]
+
+    def unstacked(self):
+        if self.layer is None:
+            return self
+        return type(self)(
+            jax.lax.dynamic_index_in_dim(self.values, self.layer, keepdims=False),
+            jax.lax.dynamic_index_in_dim(self.scale, self.layer, keepdims=False),
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    def take(self, ids: jax.Array):
+        w = self.unstacked()
+        return type(self)(w.values[ids], w.scale[ids])
+
+    def expert(self, e: jax.Array) -> jax.Array:
+        at = (e,) if self.layer is None else (self.layer, e)
+        return type(self)(self.values[at], self.scale[at]).dequantize()
+
+    def device_bytes(self) -> int:
+        return _device_bytes(self.values, self.scale)
+
+    def shard_spec(self, expert_axes: tuple[str, ...]):
+        spec = _stack_spec(self, expert_axes)
+        return type(self)(spec, spec, None if self.layer is None else PartitionSpec())
+
+    @classmethod
+    def param_names(cls, proj: str) -> tuple[str, str]:
+        return tuple(f"{proj}_{suffix}" for suffix in cls.SUFFIXES)
+
+    @classmethod
+    def from_params(cls, params: Mapping, proj: str, group_size: int, layer=None):
+        del group_size  # the layout carries it (int4: the values' S axis; fp8: 128x128 blocks)
+        values_name, scale_name = cls.param_names(proj)
+        values = params[values_name]
+        return cls(values, params[scale_name], _layer(values, cls.STACKED_NDIM, layer, proj))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Int4Weight:
+class Int4Weight(_ValuesAndScale):
     """An INT4 weight [..., O, I] in TPU runtime layout: int4 [..., G, S, O] + bf16 [..., G, O]."""
 
     layout: ClassVar[str] = "int4"
+    SUFFIXES: ClassVar[tuple[str, str]] = ("values", "group_scale")
+    STACKED_NDIM: ClassVar[int] = 5  # [L, E, G, S, O]
 
     values: jax.Array
     scale: jax.Array
     layer: jax.Array | None = None
-
-    def unstacked(self) -> Int4Weight:
-        if self.layer is None:
-            return self
-        return Int4Weight(
-            jax.lax.dynamic_index_in_dim(self.values, self.layer, keepdims=False),
-            jax.lax.dynamic_index_in_dim(self.scale, self.layer, keepdims=False),
-        )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -191,10 +233,6 @@ class Int4Weight:
         if self.layer is not None:
             lead = lead[1:]
         return (*lead, out, groups * size)
-
-    @property
-    def num_experts(self) -> int:
-        return self.shape[0]
 
     @property
     def group_size(self) -> int:
@@ -206,32 +244,6 @@ class Int4Weight:
         w = self.values.astype(dtype) * self.scale.astype(dtype)[..., None, :]
         *lead, groups, size, out = w.shape
         return jnp.swapaxes(w.reshape(*lead, groups * size, out), -1, -2)
-
-    def take(self, ids: jax.Array) -> Int4Weight:
-        w = self.unstacked()
-        return Int4Weight(w.values[ids], w.scale[ids])
-
-    def expert(self, e: jax.Array) -> jax.Array:
-        at = (e,) if self.layer is None else (self.layer, e)
-        return Int4Weight(self.values[at], self.scale[at]).dequantize()
-
-    def device_bytes(self) -> int:
-        return _device_bytes(self.values, self.scale)
-
-    def shard_spec(self, expert_axes: tuple[str, ...]) -> Int4Weight:
-        spec = _stack_spec(self, expert_axes)
-        return Int4Weight(spec, spec, None if self.layer is None else PartitionSpec())
-
-    @classmethod
-    def param_names(cls, proj: str) -> tuple[str, str]:
-        return f"{proj}_values", f"{proj}_group_scale"
-
-    @classmethod
-    def from_params(cls, params: Mapping, proj: str, group_size: int, layer=None):
-        del group_size  # the layout carries it (values' S axis)
-        values_name, scale_name = cls.param_names(proj)
-        values = params[values_name]
-        return cls(values, params[scale_name], _layer(values, 5, layer, proj))
 
 
 def _layer(payload: jax.Array, stacked_ndim: int, layer, proj: str):
@@ -245,7 +257,7 @@ def _layer(payload: jax.Array, stacked_ndim: int, layer, proj: str):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Fp8Weight:
+class Fp8Weight(_ValuesAndScale):
     """An FP8 weight [..., O, I] in DeepSeek's block format, as the checkpoint stores it:
     ``values`` float8_e4m3fn [..., O, I] and ``scale`` float32 [..., 1, ceil(O/128) *
     ceil(I/128)], the checkpoint's ``weight_scale_inv`` grid flattened row-major, so that W[o, i] =
@@ -261,26 +273,16 @@ class Fp8Weight:
     row-major and one expert's grid is one block."""
 
     layout: ClassVar[str] = "fp8"
+    SUFFIXES: ClassVar[tuple[str, str]] = ("fp8", "block_scale")
+    STACKED_NDIM: ClassVar[int] = 4  # [L, E, O, I]
 
     values: jax.Array
     scale: jax.Array
     layer: jax.Array | None = None
 
-    def unstacked(self) -> Fp8Weight:
-        if self.layer is None:
-            return self
-        return Fp8Weight(
-            jax.lax.dynamic_index_in_dim(self.values, self.layer, keepdims=False),
-            jax.lax.dynamic_index_in_dim(self.scale, self.layer, keepdims=False),
-        )
-
     @property
     def shape(self) -> tuple[int, ...]:
         return self.values.shape if self.layer is None else self.values.shape[1:]
-
-    @property
-    def num_experts(self) -> int:
-        return self.shape[0]
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """Each value times its block's scale in float32 (DeepSeek's ``weight_dequant``), then
@@ -290,32 +292,6 @@ class Fp8Weight:
         grid = w.scale.reshape(*lead, *fp8_scale_grid(out, inp))
         s = jnp.repeat(jnp.repeat(grid, FP8_BLOCK, axis=-2), FP8_BLOCK, axis=-1)
         return (w.values.astype(jnp.float32) * s[..., :out, :inp]).astype(dtype)
-
-    def take(self, ids: jax.Array) -> Fp8Weight:
-        w = self.unstacked()
-        return Fp8Weight(w.values[ids], w.scale[ids])
-
-    def expert(self, e: jax.Array) -> jax.Array:
-        at = (e,) if self.layer is None else (self.layer, e)
-        return Fp8Weight(self.values[at], self.scale[at]).dequantize()
-
-    def device_bytes(self) -> int:
-        return _device_bytes(self.values, self.scale)
-
-    def shard_spec(self, expert_axes: tuple[str, ...]) -> Fp8Weight:
-        spec = _stack_spec(self, expert_axes)
-        return Fp8Weight(spec, spec, None if self.layer is None else PartitionSpec())
-
-    @classmethod
-    def param_names(cls, proj: str) -> tuple[str, str]:
-        return f"{proj}_fp8", f"{proj}_block_scale"
-
-    @classmethod
-    def from_params(cls, params: Mapping, proj: str, group_size: int, layer=None):
-        del group_size  # the block is FP8_BLOCK, checked when the checkpoint is read
-        values_name, scale_name = cls.param_names(proj)
-        values = params[values_name]
-        return cls(values, params[scale_name], _layer(values, 4, layer, proj))
 
     @classmethod
     def param_shapes(cls, proj: str, experts: int, out: int, inp: int, dtype) -> dict:
