@@ -293,6 +293,20 @@ PARITY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Eight prompts of different lengths for batch-8 generation tests; the longest is several
+# prefill chunks. Shared by the TPU-target and layout tests, so both compare the same batch.
+MIXED_PROMPTS = [
+    [11, 200, 7],
+    [3, 90, 45, 45, 120, 8, 77, 1, 64],
+    [5, 17, 33, 2, 99, 100, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
+    [40, 41],
+    [250, 3, 3, 3, 9],
+    [77] * 12,
+    [1, 2, 3, 4, 5, 6, 7],
+    [120, 121, 122, 123],
+]
+
+
 def greedy_batch(ref: ReferenceModel, prompts: list[list[int]], new: int):
     """transformers' greedy generate over a left-padded batch (no early stop): the new ids of
     every prompt and the raw log-softmax of every step's logits [B, new, V]."""

@@ -26,16 +26,7 @@ from sharding.mesh import make_mesh
 NEW = 12
 # 8 heads, so that 8 devices split them; the other tiny sizes (96, 64, 256) divide by 8 too.
 HEADS8 = {"num_attention_heads": 8, "num_key_value_heads": 8}
-PROMPTS = [
-    [11, 200, 7],
-    [3, 90, 45, 45, 120, 8, 77, 1, 64],
-    [5, 17, 33, 2, 99, 100, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
-    [40, 41],
-    [250, 3, 3, 3, 9],
-    [77] * 12,
-    [1, 2, 3, 4, 5, 6, 7],
-    [120, 121, 122, 123],
-]
+PROMPTS = reference.MIXED_PROMPTS
 # Every weight the decode table splits over (expert, tensor), by params path.
 SPLIT = [
     ("embed",),

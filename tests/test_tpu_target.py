@@ -93,16 +93,7 @@ def test_prefill_logits_match_reference_on_the_tpu_path(name, tmp_path):
 
 
 # Prompts of different lengths; the longest is several prefill chunks.
-PROMPTS = [
-    [11, 200, 7],
-    [3, 90, 45, 45, 120, 8, 77, 1, 64],
-    [5, 17, 33, 2, 99, 100, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
-    [40, 41],
-    [250, 3, 3, 3, 9],
-    [77] * 12,
-    [1, 2, 3, 4, 5, 6, 7],
-    [120, 121, 122, 123],
-]
+PROMPTS = reference.MIXED_PROMPTS
 
 
 @pytest.fixture(scope="module")
