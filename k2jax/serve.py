@@ -6,9 +6,9 @@
     python -m k2jax.serve --checkpoint DIR --mesh data=1,expert=8,tensor=1
 
 One persistent engine holds the model, its page pool and compiled step programs; uvicorn serves
-the FastAPI app of ``k2jax.server.app`` over it. The multi-host flags are the sample CLI's, but a
-multi-process run is refused for now, by name: only process 0 would see the requests, and the
-persistent engine cannot yet replay its steps on the other hosts (docs/serving.md).
+the FastAPI app of ``k2jax.server.app`` over it. The multi-host flags are the sample CLI's: in a
+multi-process job (the same command on every host) process 0 serves HTTP and drives the engine,
+and every other process replays its steps in lockstep (``k2jax.serving.lockstep``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import jax  # noqa: E402
 import uvicorn  # noqa: E402
 
 from k2jax import cli_errors, default_model, sample  # noqa: E402
-from k2jax.cli_errors import UsageError, prog_name  # noqa: E402
+from k2jax.cli_errors import prog_name  # noqa: E402
 from k2jax.server.app import DEFAULT_MAX_BODY_BYTES, create_app  # noqa: E402
 from k2jax.server.byte_tokenizer import ByteChatTokenizer  # noqa: E402
+from k2jax.serving import lockstep  # noqa: E402
 from k2jax.serving.options import EngineConfig  # noqa: E402
 from k2jax.serving.persistent_engine import PersistentEngine  # noqa: E402
 from sharding import distributed  # noqa: E402
@@ -133,14 +134,6 @@ def _model_name(args: argparse.Namespace) -> str:
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _check_numbers(parser, args)
     distributed.initialize_from_args(args)  # a no-op for a single-process run
-    if jax.process_count() > 1:
-        # Every host must run the same steps on the same inputs; only process 0 sees the
-        # requests, so the engine would have to replay its admissions on the others.
-        raise UsageError(
-            f"this run has {jax.process_count()} processes, but the persistent engine cannot yet "
-            "run hosts other than process 0 in lockstep with it; serve from one process (one "
-            "host's devices, with --mesh) for now"
-        )
     sample._use_trained_default(args)  # no --checkpoint: the trained default model
     checked = sample.check_model_args(args)
     tokenizer = checked.tokenizer
@@ -159,9 +152,24 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if checked.byte_level or getattr(args, "trained_default", False)
         else None,
     )
+    # A multi-process job: process 0 serves HTTP and drives the steps, the others replay them.
+    channel = lockstep.Channel() if jax.process_count() > 1 else None
     engine = PersistentEngine(
-        model, config, max_queue=args.max_queue, prefix_cache=not args.no_prefix_cache
+        model,
+        config,
+        max_queue=args.max_queue,
+        prefix_cache=not args.no_prefix_cache,
+        lockstep=channel,
     )
+    if channel is not None and not channel.is_leader:
+        print(
+            f"[k2jax] process {jax.process_index()}: following process 0's steps",
+            file=sys.stderr,
+            flush=True,
+        )
+        engine.follow()  # returns when process 0 closes its engine
+        engine.close()
+        return 0
     with engine:  # started; closed (every request ended) when uvicorn returns
         app = create_app(
             engine, tokenizer, model_name=_model_name(args), max_body_bytes=args.max_body_bytes

@@ -43,6 +43,7 @@ from k2jax.serving.engine import (
     _set_row,
     width_ladder,
 )
+from k2jax.serving.lockstep import Boundary, Channel
 from k2jax.serving.options import EngineConfig, GenerateOptions
 from k2jax.serving.page_allocator import OutOfPages, PageAllocator, pages_for
 from k2jax.serving.sampling import SamplingParams
@@ -217,11 +218,17 @@ class PersistentEngine:
         max_queue: int | None = 256,
         prefix_cache: bool | None = None,
         warmup: bool = True,
+        lockstep: Channel | None = None,
     ):
         """``prefix_cache`` None follows ``config.prefix_cache`` (default on). ``max_queue``
         None leaves the queue unbounded. ``warmup=False`` compiles each bucket on its first use
-        instead of at start-up (the set of programs is the same)."""
+        instead of at start-up (the set of programs is the same).
+
+        ``lockstep`` (a multi-process job, ``k2jax.serving.lockstep``): every process builds
+        its engine with the same arguments and a ``Channel``; process 0 is started and takes the
+        requests, every other process calls ``follow()`` and replays process 0's steps."""
         self.model = model
+        self._lockstep = lockstep
         self.config = config or EngineConfig()
         if prefix_cache is None:
             prefix_cache = self.config.prefix_cache
@@ -238,6 +245,8 @@ class PersistentEngine:
         ec = self.config
         slots = ec.max_batch
         num_pages = ec.num_pages or default_num_pages(self._engine, slots)
+        if lockstep is not None:  # each host sees its own free memory: process 0's size wins
+            num_pages = lockstep.agree(num_pages)
         alloc = PageAllocator(num_pages, ec.page_size, prefix_cache)
         self._scheduler = Scheduler(self._engine, slots, alloc, self._program)
         context_pages = pages_for(model.config.max_position_embeddings - 1, ec.page_size)
@@ -378,6 +387,9 @@ class PersistentEngine:
 
     def _wake(self) -> None:
         """Start the step thread if there is work and none runs (called holding ``_cv``)."""
+        if self._lockstep is not None:
+            self._cv.notify_all()  # the lockstep driver runs for the engine's whole life
+            return
         if self._thread is not None or not self._started:
             return
         if not (self._incoming or self._cancels or self._scheduler.has_work()):
@@ -387,20 +399,26 @@ class PersistentEngine:
 
     # The step thread.
 
-    def _apply_pending(self) -> None:
-        """Cancellations, then new requests, into the scheduler (holding ``_cv``)."""
+    def _apply_pending(self, record: list | None = None) -> None:
+        """Cancellations, then new requests, into the scheduler (holding ``_cv``); appends
+        to ``record`` what followers must replay (``lockstep.Boundary.events``)."""
         for sink in self._cancels:
             for seq in sink.sequences:
                 if seq in self._incoming:
                     self._incoming.remove(seq)
                 else:
                     self._scheduler.drop(seq)
+                    if record is not None:
+                        record.append(("cancel", seq.key))
             if sink.live:
                 sink.live = 0
                 sink.put(_END)
         self._cancels.clear()
         while self._incoming:
-            self._scheduler.add(self._incoming.popleft())
+            seq = self._incoming.popleft()
+            self._scheduler.add(seq)
+            if record is not None:
+                record.append(("add", seq.key, seq.request))
 
     def _loop(self) -> None:
         while True:
@@ -410,13 +428,85 @@ class PersistentEngine:
                     self._thread = None
                     self._cv.notify_all()
                     return
+            self._step_and_deliver()
+
+    def _step_and_deliver(self) -> None:
+        try:
+            produced = self._scheduler.step()
+        except Exception as error:  # delivered to every consumer, never swallowed
+            with self._cv:
+                self._fail_all(error, broken=not isinstance(error, OutOfPages))
+            return
+        self._deliver(produced)
+
+    # Lockstep (multi-process): process 0 drives, the others follow.
+
+    def _drive(self) -> None:
+        """Process 0's step thread in a lockstep job: publish each boundary, then step."""
+        channel = self._lockstep
+        while True:
+            with self._cv:
+                if not (
+                    self._incoming or self._cancels or self._scheduler.has_work() or self._closed
+                ):
+                    self._cv.wait(timeout=channel.heartbeat_seconds)
+                events: list = []
+                self._apply_pending(events)
+                closing = self._closed
+                stepping = self._scheduler.has_work() and not closing
             try:
-                produced = self._scheduler.step()
-            except Exception as error:  # delivered to every consumer, never swallowed
+                channel.publish(Boundary(tuple(events), stepping, closing))
+            except Exception as error:  # the followers are gone: nothing can run any more
                 with self._cv:
-                    self._fail_all(error, broken=not isinstance(error, OutOfPages))
+                    self._fail_all(error, broken=True)
+                    self._closed = True
+                closing = True
+            if closing:
+                with self._cv:
+                    self._thread = None
+                    self._cv.notify_all()
+                return
+            if stepping:
+                self._step_and_deliver()
+
+    def follow(self) -> None:
+        """Replay process 0's steps until it closes (every process but 0 of a lockstep job).
+
+        Applies each published boundary's cancellations and admissions to this process's own
+        scheduler, in process 0's order, and runs the same step; the tokens are process 0's
+        to deliver, so nothing is kept here beyond the running sequences."""
+        channel = self._lockstep
+        if channel is None or channel.is_leader:
+            raise RuntimeError("follow() is for processes other than 0 of a lockstep engine")
+        sched = self._scheduler
+        live: dict[Any, _Sequence] = {}
+        while True:
+            boundary = channel.receive()
+            for event in boundary.events:
+                if event[0] == "cancel":
+                    seq = live.pop(event[1], None)
+                    if seq is not None:
+                        sched.drop(seq)
+                else:
+                    _, key, request = event
+                    live[key] = seq = self._engine.sequence(key, request)
+                    sched.add(seq)
+            if boundary.closing:
+                for seq in live.values():
+                    sched.drop(seq)
+                return
+            if not boundary.stepping:
                 continue
-            self._deliver(produced)
+            try:
+                produced = sched.step()
+            except Exception:  # process 0 met the same error and ended every request
+                for seq in live.values():
+                    sched.drop(seq)
+                live.clear()
+                continue
+            for seq, event in produced:
+                if event.finished:
+                    live.pop(seq.key, None)
 
     def _deliver(self, produced) -> None:
         by_sink: dict[int, tuple[_Sink, list]] = {}
@@ -457,6 +547,17 @@ class PersistentEngine:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             self._started = True
+            if self._lockstep is not None:
+                if not self._lockstep.is_leader:
+                    raise RuntimeError(
+                        "in a lockstep job only process 0 starts; the others follow()"
+                    )
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._drive, name="k2jax-lockstep", daemon=True
+                    )
+                    self._thread.start()
+                return
             self._wake()
 
     def close(self) -> None:
@@ -465,6 +566,7 @@ class PersistentEngine:
             if self._closed:
                 return
             self._closed = True
+            self._cv.notify_all()  # a lockstep driver waiting for work publishes the close
             while self._thread is not None:
                 self._cv.wait()
             self._apply_pending()
