@@ -520,6 +520,52 @@ def test_a_client_leaving_mid_stream_cancels_its_request(served, client):
     assert generated >= 1
 
 
+def test_a_client_gone_before_the_first_byte_has_its_request_cancelled(served):
+    """The client's disconnect is already waiting when the streamed response starts and the
+    transport yields on the response's first write, so Starlette cancels the response before
+    it iterates the body even once (the relay never starts): the request must still be
+    cancelled, not left to run its 1,500 tokens."""
+    app = create_app(served.engine, served.tokenizer, model_name=MODEL, max_body_bytes=MAX_BODY)
+    body = json.dumps(
+        {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1500, "stream": True, "seed": 5}
+    ).encode()
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        await asyncio.sleep(0)  # a transport that yields on write (e.g. under flow control)
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},  # uvicorn's
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert not any(m.get("body") for m in sent if m["type"] == "http.response.body")
+    assert wait_until_idle(served.engine)
+    assert served.engine.all_pages_free_or_cached()
+    families = text_string_to_metric_families(app.state.server.metrics.render().decode())
+    samples = {
+        (s.name, s.labels.get("finish_reason")): s.value for f in families for s in f.samples
+    }
+    assert samples[("k2jax_requests_cancelled_total", None)] == 1
+    assert samples[("k2jax_requests_total", "cancelled")] == 1
+
+
 CLIENTS = 64
 
 
@@ -576,4 +622,4 @@ def test_64_concurrent_streaming_clients_each_get_their_tokens_alone(served):
     deadline = time.monotonic() + 30
     while threading.active_count() > threads_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() <= threads_before
+    assert threading.active_count() <= threads_before, [t.name for t in threading.enumerate()]

@@ -96,7 +96,11 @@ async def chat_completion(server: Server, body: ChatCompletionRequest, request: 
 
     if body.stream:
         return event_stream(
-            _chat_chunks(server, body, handle, progress, decoder, deltas_of, reply_id, prompt.ids)
+            _chat_chunks(server, body, handle, progress, decoder, deltas_of, reply_id, prompt.ids),
+            server,
+            handle,
+            progress,
+            "chat",
         )
 
     async def collect():

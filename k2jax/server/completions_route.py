@@ -127,7 +127,7 @@ async def completion(server: Server, body: CompletionRequest, request: Request):
                     )
                 )
 
-        return event_stream(chunks())
+        return event_stream(chunks(), server, handle, progress, "completions")
 
     async def collect():
         texts: list[str] = []

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from k2jax.chat.tokenizer import Tokenizer
 from k2jax.server.bridge import HandleEvents
@@ -56,6 +57,7 @@ class Progress:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    relayed: bool = False  # the relay started (its `finally` then ends the request)
 
 
 def check_common(server: Server, body) -> None:
@@ -146,6 +148,7 @@ async def relay(
     """Calls `on_token(step_token) -> (result, stop)` per token and yields each result that is
     not None, until the request finishes or `stop` is true (a stop string matched); whatever
     way it ends, a request still running is cancelled."""
+    progress.relayed = True
     events = HandleEvents(handle)
     try:
         async for token in events:
@@ -197,7 +200,23 @@ def sse(model) -> str:
     return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
 
 
-def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+async def _end_unrelayed(server: Server, handle, progress: Progress, endpoint: str) -> None:
+    """After a streamed response: a request whose relay never started (the client went away
+    before the stream's first byte, so Starlette never iterated it) is cancelled here. A
+    coroutine, so Starlette runs it on the event loop, not on a pooled worker thread."""
+    if progress.relayed or handle.done:
+        return
+    handle.cancel()
+    server.metrics.cancelled.inc()
+    server.metrics.requests.labels(endpoint, "cancelled").inc()
+
+
+def event_stream(
+    chunks: AsyncIterator[str], server: Server, handle, progress: Progress, endpoint: str
+) -> StreamingResponse:
+    """The SSE response of ``chunks``; whatever way the response ends (including a client
+    gone before its first byte), the request does not outlive it."""
+
     async def body():
         try:
             async for chunk in chunks:
@@ -213,5 +232,10 @@ def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        # Starlette runs the background task after the response, also when it was cut short
+        # by a disconnect before the body started.
+        background=BackgroundTask(_end_unrelayed, server, handle, progress, endpoint),
     )
