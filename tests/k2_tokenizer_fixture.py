@@ -10,11 +10,13 @@ them as K2's does.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import collections
 import functools
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -99,8 +101,11 @@ def write_k2_tokenizer_dir(directory: Path, *, pad_to_k2_ids: bool = True) -> Pa
 
 @functools.cache
 def k2_tokenizer_dir() -> Path:
-    """A K2-format tokenizer directory (specials at K2's ids), built once per test process."""
-    return write_k2_tokenizer_dir(Path(tempfile.mkdtemp(prefix="k2_tokenizer_")))
+    """A K2-format tokenizer directory (specials at K2's ids), built once per test process and
+    removed when the process exits."""
+    directory = Path(tempfile.mkdtemp(prefix="k2_tokenizer_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return write_k2_tokenizer_dir(directory)
 
 
 @functools.cache
