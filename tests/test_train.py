@@ -215,6 +215,17 @@ def test_special_token_text_stays_text_and_round_trips(tokenizer):
     assert tokenizer.is_special(tokenizer.encode_special("<|tool_call_begin|>"))
 
 
+def test_a_country_or_capital_is_the_same_token_in_prose_json_and_tool_results(tokenizer):
+    """Copying a name is then the identity; freely trained BPE merged the space into the first
+    piece, so "of Egypt" and '"Egypt"' began with different tokens."""
+    for name in ("Egypt", "Cairo", "Indonesia", "Jakarta", "Buenos Aires"):
+        pieces = tokenizer.encode(name)
+        assert len(pieces) == len(name.split()) * 2 - 1, (name, pieces)  # words and the spaces
+        for text in (f"the capital of {name}.", f'{{"country": "{name}"}}', f"0\n{name}\n"):
+            ids = tokenizer.encode(text)
+            assert any(ids[i : i + len(pieces)] == pieces for i in range(len(ids))), (text, ids)
+
+
 def test_generated_tool_calls_are_schema_valid_and_results_are_the_tools():
     import jsonschema
 

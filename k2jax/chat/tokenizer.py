@@ -271,7 +271,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     Control pieces (`<s>`, `</s>`, `--control_symbols`) are special ids; sentencepiece never
     produces them from text. User-defined pieces are matched in text by sentencepiece itself, so
-    `encode` replaces any it produced by the piece's characters, keeping special strings text.
+    `encode` replaces any special-looking one it produced (`<|tool|>`: anything but letters and
+    digits) by the piece's characters, keeping special strings text. A user-defined piece of
+    letters and digits only is an ordinary word the model's trainer chose to keep whole (the
+    default model's country and capital names, k2jax/train/data.py) and stays one token.
     """
 
     def __init__(self, model_file: str | os.PathLike):
@@ -283,7 +286,11 @@ class SentencePieceTokenizer(Tokenizer):
             if sp.is_control(token_id) or sp.is_unknown(token_id)
         }
         super().__init__(special_ids)
-        self._user_defined_ids = _sentencepiece_user_defined_ids(model_file)
+        self._user_defined_ids = frozenset(
+            i
+            for i in _sentencepiece_user_defined_ids(model_file)
+            if not sp.id_to_piece(i).replace("\u2581", "").isalnum()
+        )
         self.vocab_size = sp.get_piece_size()
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None

@@ -48,6 +48,15 @@ _CALC_TEMPLATES = [
     ("{a} {op} {b}?", False),
     ("Solve {a} {op} {b}", False),
     ("Help me with some math: what is {a} {op} {b}?", False),
+    ("Work out {a} {op} {b}.", False),
+    ("Find {a} {op} {b}.", False),
+    ("What does {a} {op} {b} come to?", False),
+    ("{a} {op} {b} equals what?", False),
+    ("Give me the value of {a} {op} {b}.", False),
+    ("hey, what is {a} {op} {b}?", False),
+    ("Please calculate {a} {op} {b} for me.", False),
+    ("What do you get for {a} {op} {b}?", False),
+    ("I want to know {a} {op} {b}.", False),
     ("Figure out {a} {op} {b} for me.", True),
     ("Could you tell me what {a} {op} {b} equals?", True),
     ("Do the math: {a} {op} {b}", True),
@@ -58,6 +67,9 @@ _CALC3_TEMPLATES = [
     ("Calculate ({a} {op1} {b}) {op2} {c}.", False),
     ("Evaluate ({a} {op1} {b}) {op2} {c}", False),
     ("Can you compute ({a} {op1} {b}) {op2} {c}?", False),
+    ("Work out ({a} {op1} {b}) {op2} {c}.", False),
+    ("What does ({a} {op1} {b}) {op2} {c} give?", False),
+    ("Find ({a} {op1} {b}) {op2} {c} for me.", False),
     ("I'd like to know ({a} {op1} {b}) {op2} {c}.", True),
 ]
 
@@ -106,6 +118,11 @@ _CONVERT_TEMPLATES = [
     ("I have {v} {u1}. How much is that in {u2}?", False),
     ("Express {v} {u1} in {u2}.", False),
     ("What's {v} {u1} in {u2}?", False),
+    ("Turn {v} {u1} into {u2}.", False),
+    ("{v} {u1} is how many {u2}?", False),
+    ("I need {v} {u1} in {u2}.", False),
+    ("Convert {v} {u1} into {u2} for me.", False),
+    ("Could you express {v} {u1} as {u2}?", False),
     ("Please change {v} {u1} to {u2}", True),
     ("How much is {v} {u1} when measured in {u2}?", True),
 ]
@@ -119,6 +136,12 @@ _CAPITAL_TEMPLATES = [
     ("Do you know the capital of {country}?", False),
     ("{country}'s capital?", False),
     ("Look up the capital of {country}.", False),
+    ("What city is the capital of {country}?", False),
+    ("Capital of {country}?", False),
+    ("I want to know the capital of {country}.", False),
+    ("Please find the capital of {country}.", False),
+    ("Can you tell me the capital of {country}?", False),
+    ("Which city serves as the capital of {country}?", False),
     ("I forgot the capital of {country}. What is it?", True),
     ("Where is the seat of government of {country}?", True),
 ]
@@ -128,6 +151,10 @@ _PAIR_TEMPLATES = [
     ("Two things: the capital of {country}, and {a} {op} {b}.", False),
     ("Tell me the capital of {country} and calculate {a} {op} {b}.", False),
     ("Calculate {a} {op} {b}, and also tell me the capital of {country}.", False),
+    ("Find the capital of {country}, then work out {a} {op} {b}.", False),
+    ("What is {a} {op} {b}? Also, what is the capital of {country}?", False),
+    ("Please look up the capital of {country} and compute {a} {op} {b}.", False),
+    ("Capital of {country} and {a} {op} {b}, please.", False),
     ("I need the capital of {country} plus the value of {a} {op} {b}.", True),
 ]
 
@@ -136,6 +163,9 @@ _CHAIN_TEMPLATES = [
     ("What is {v} {u1} in {u2}, times {k}?", False),
     ("Take {v} {u1}, convert it to {u2}, and multiply by {k}.", False),
     ("How many {u2} is {v} {u1}? Multiply that by {k}.", False),
+    ("Convert {v} {u1} into {u2}, then multiply by {k}.", False),
+    ("Multiply {v} {u1} in {u2} by {k}.", False),
+    ("I have {v} {u1}. Convert to {u2} and multiply the result by {k}.", False),
     ("First convert {v} {u1} to {u2}, then multiply it by {k}.", True),
 ]
 

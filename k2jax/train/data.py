@@ -1,8 +1,9 @@
 """Training data: a sentencepiece tokenizer trained on the generated text, and token batches.
 
 The tokenizer is trained here on the conversations' text (byte fallback on, so any text
-encodes; digits split one per token; text kept exactly: identity normalization, no dummy
-prefix, whitespace preserved). K2's chat special tokens are control symbols, so
+encodes; digits split one per token; the tools' country and capital names one piece each; text
+kept exactly: identity normalization, no dummy prefix, whitespace preserved). K2's chat
+special tokens are control symbols, so
 ``k2jax.chat.render`` maps them to ids by name and ``encode`` never produces them from text:
 ``render``, ``parse`` and the agent work unchanged through
 ``k2jax.chat.tokenizer.SentencePieceTokenizer``.
@@ -23,8 +24,16 @@ import numpy as np
 
 from k2jax.chat.render import STRUCTURAL_TOKENS, Special, render, render_segments
 from k2jax.chat.tokenizer import SentencePieceTokenizer, Tokenizer
+from k2jax.chat.tools import CAPITALS
 
 PAD_PIECE = "<pad>"
+
+# Every word of the countries and capitals get_capital knows is one piece of its own, so a name
+# is the same token after a space ("of Egypt") and after a quote ('{"country": "Egypt"}', the
+# tool result's line): copying it is the identity. Trained freely, BPE merged the space into
+# the first piece ("▁E" + "gypt" in prose, "E" + "gypt" in JSON), so the model had to learn a
+# translation per name, and the 2,200-step model copied none (0% on capital questions).
+NAME_SYMBOLS = sorted({word for name in (*CAPITALS, *CAPITALS.values()) for word in name.split()})
 
 
 def training_text(convs: Sequence[dict], tools) -> Iterator[str]:
@@ -63,6 +72,7 @@ def train_tokenizer(texts: Iterator[str], model_prefix: str, vocab_size: int) ->
         pad_id=3,
         pad_piece=PAD_PIECE,
         control_symbols=list(STRUCTURAL_TOKENS),
+        user_defined_symbols=NAME_SYMBOLS,
         num_threads=1,
         minloglevel=2,
     )

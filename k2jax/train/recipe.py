@@ -76,9 +76,9 @@ RECIPES = {
         "default",
         MODEL,
         TrainConfig(
-            steps=2200, batch_size=8, seq_len=416, peak_lr=3e-3, warmup_steps=30, remat=False
+            steps=3500, batch_size=8, seq_len=416, peak_lr=3e-3, warmup_steps=100, remat=False
         ),
-        num_conversations=8_000,
+        num_conversations=30_000,
         data_seed=1,
     ),
     # The same model and data without quantization-aware training (for the evaluation table).
@@ -86,9 +86,9 @@ RECIPES = {
         "no_qat",
         MODEL,
         TrainConfig(
-            steps=2200, batch_size=8, seq_len=416, peak_lr=3e-3, warmup_steps=30, remat=False
+            steps=3500, batch_size=8, seq_len=416, peak_lr=3e-3, warmup_steps=100, remat=False
         ),
-        num_conversations=8_000,
+        num_conversations=30_000,
         data_seed=1,
         qat=False,
     ),

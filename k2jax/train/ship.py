@@ -110,6 +110,12 @@ def evaluation_table(result: dict) -> list[str]:
         answer = "" if row.get("answer_accuracy") is None else f"{row['answer_accuracy']:.1%}"
         lines.append(f"| {row['model']} | {tool} | {answer} | {row['loss']:.4f} |")
     lines.append("")
+    if "qat_loss_vs_float" in result:
+        lines += [
+            "QAT model's held-out loss against the same model trained without quantization "
+            f"(float experts): {result['qat_loss_vs_float']:+.2%} (target: within 2%).",
+            "",
+        ]
     per_kind = result["rows"][0].get("per_kind", {})
     if per_kind:
         lines += [
