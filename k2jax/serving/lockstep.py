@@ -16,8 +16,8 @@ runs code) padded to a power of two so that few shapes compile.
 
 While idle the leader publishes an empty boundary every ``heartbeat_seconds`` (a follower waits
 in the broadcast until then), so a follower notices a closed leader within that time, and no
-process waits in one collective for long (measured on gloo, JAX 0.10: a 45 s wait in
-``broadcast_one_to_all`` completes; docs/serving.md).
+process waits in one collective for long. Waiting is safe in itself (measured on gloo, JAX
+0.10.2: 45 s and 700 s waits in ``broadcast_one_to_all`` complete; docs/serving.md).
 """
 
 from __future__ import annotations
