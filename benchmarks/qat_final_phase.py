@@ -27,32 +27,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="QAT steps after the float run's end")
     args = p.parse_args()
 
-    import numpy as np
-
-    from k2jax.model.config import Config
     from k2jax.train import loop, run
-    from k2jax.train.export import export_hf
     from k2jax.train.recipe import RECIPES
 
     if os.path.exists(args.out):
         raise SystemExit(f"{args.out} exists: give a new directory")
     shutil.copytree(args.float_run, args.out, ignore=shutil.ignore_patterns("export", "*.png"))
-    cfg = Config.from_hf(os.path.join(args.out, "config.json"))
     done = loop.read_metrics(args.out)[-1]["step"]
-    tcfg = dataclasses.replace(RECIPES["default"].train, steps=done + args.steps)
-    data = np.load(os.path.join(args.out, "data.npz"))
-    state = loop.train(
-        args.out,
-        run.training_config(cfg, qat=True),
-        tcfg,
-        data["tokens"],
-        data["mask"],
-        cfg.pad_token_id,
+    default = RECIPES["default"]  # QAT on, the default knobs; the copied data and tokenizer
+    recipe = dataclasses.replace(
+        default, train=dataclasses.replace(default.train, steps=done + args.steps)
     )
-    tokenizer = os.path.join(args.out, "tokenizer.model")
-    print(
-        export_hf(state["params"], cfg, os.path.join(args.out, "export"), tokenizer_file=tokenizer)
-    )
+    print(run.run(args.out, recipe))  # resumes at the float run's last checkpoint, exports
 
 
 if __name__ == "__main__":
