@@ -270,3 +270,39 @@ def test_calculator(expression, want):
 def test_calculator_refuses_what_is_not_arithmetic(bad):
     with pytest.raises(ValueError):
         builtin.calculator(bad)
+
+
+def test_a_recipe_ends_with_a_qat_phase_and_its_float_twin_branches_from_the_boundary(tmp_path):
+    """The smoke recipe: float steps 1-4, fake-quantized experts in steps 5-6; its float twin
+    restarts from the kept step-4 checkpoint and trains steps 5-6 without the quantizer."""
+    import dataclasses
+
+    from k2jax.train import run
+    from k2jax.train.recipe import RECIPES
+
+    recipe = RECIPES["smoke"]
+    assert recipe.float_steps == 4 and recipe.train.steps == 6
+    qat_dir, twin_dir = str(tmp_path / "qat"), str(tmp_path / "twin")
+    export = run.run(qat_dir, recipe)
+    records = loop.read_metrics(qat_dir)
+    assert [r["qat"] for r in records] == [False] * 4 + [True] * 2
+    with open(f"{export}/config.json") as f:
+        assert json.load(f)["k2jax_training"]["qat_from_step"] == 4
+    manager = loop.checkpoint_manager(qat_dir, recipe.train.checkpoint_every)
+    assert 4 in manager.all_steps() and manager.latest_step() == 6
+    manager.close()
+
+    twin = dataclasses.replace(recipe, name="smoke_float", final_phase_qat=False)
+    run.branch(qat_dir, twin_dir, twin)
+    run.run(twin_dir, twin)
+    twin_records = loop.read_metrics(twin_dir)
+    assert [r["qat"] for r in twin_records] == [False] * 6
+    assert [r["loss"] for r in twin_records[:4]] == [r["loss"] for r in records[:4]]
+    # Same weights and batch at step 5; only the quantizer differs.
+    assert twin_records[4]["loss"] != records[4]["loss"]
+
+    with pytest.raises(FileExistsError, match="twin"):
+        run.branch(qat_dir, twin_dir, twin)
+    other_data = dataclasses.replace(twin, num_conversations=301)
+    with pytest.raises(ValueError, match="k2jax_data"):
+        run.branch(qat_dir, str(tmp_path / "other"), other_data)

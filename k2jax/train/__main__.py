@@ -3,6 +3,7 @@
     python -m k2jax.train --recipe default                 # run dir: runs/default
     python -m k2jax.train --recipe smoke --out /tmp/smoke  # seconds: the pipeline end to end
     python -m k2jax.train --recipe default --stop-at 100   # stop early; rerun to resume
+    python -m k2jax.train --recipe no_qat --branch-from runs/default  # its float-only twin
 
 Progress (loss, tokens/s) goes to stderr; the export directory is printed at the end.
 ``--ship`` copies the export into the package (``k2jax/default_weights``), what
@@ -30,12 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--mesh", default=None, metavar="data=2,expert=4", help="train over a device mesh"
     )
+    p.add_argument(
+        "--branch-from",
+        default=None,
+        metavar="RUN",
+        help="start from RUN's first-phase checkpoint (e.g. no_qat from a default run)",
+    )
     p.add_argument("--ship", action="store_true", help="copy the export into k2jax/default_weights")
     args = p.parse_args(argv)
-    from k2jax.train.run import run
+    from k2jax.train.run import branch, run
 
     recipe = RECIPES[args.recipe]
     out = args.out or os.path.join("runs", recipe.name)
+    if args.branch_from:
+        branch(args.branch_from, out, recipe)
     mesh = None
     if args.mesh:
         import jax

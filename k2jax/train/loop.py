@@ -24,8 +24,13 @@ from k2jax.train import step as train_step
 from k2jax.train.data import batch_at
 
 
-def checkpoint_manager(run_dir: str, every: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=every)
+def checkpoint_manager(
+    run_dir: str, every: int, keep_period: int | None = None
+) -> ocp.CheckpointManager:
+    """The run's orbax manager: the last two checkpoints, plus every ``keep_period``-th step."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, save_interval_steps=every, keep_period=keep_period
+    )
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, "checkpoints")), options=options
     )
@@ -63,17 +68,21 @@ def train(
     mesh=None,
     strategy: str = "prefill",
     progress: bool = True,
+    keep_period: int | None = None,
+    record: dict | None = None,
 ) -> dict:
     """Trains to ``tcfg.steps`` (or ``stop_at``), resuming from the run's latest checkpoint.
 
     With a ``mesh`` the state is placed by ``sharding.rules`` (``strategy``'s table: batch over
     data and expert, routed experts over expert) and the batch is split over the batch axes.
-    Returns the final state.
+    ``keep_period`` keeps every such step's checkpoint besides the last two (a phase boundary
+    a later run branches from); ``record``'s items go into each step's metrics line. Returns
+    the final state.
     """
     state_shardings, batch_sharding, rules = None, None, ()
     if mesh is not None:
         state_shardings, batch_sharding, rules = _placement(cfg, tcfg, mesh, strategy)
-    manager = checkpoint_manager(run_dir, tcfg.checkpoint_every)
+    manager = checkpoint_manager(run_dir, tcfg.checkpoint_every, keep_period)
     state = restore_or_init(manager, cfg, tcfg, state_shardings)
     step_fn = train_step.make_train_step(cfg, tcfg, pad_id, mesh, rules)
     first = int(state["step"])
@@ -92,7 +101,10 @@ def train(
         tokens_per_s = batch_tokens.size / seconds
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
         with open(log_path, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"step": step + 1, **metrics, "seconds": seconds}) + "\n")
+            log.write(
+                json.dumps({"step": step + 1, **metrics, "seconds": seconds, **(record or {})})
+                + "\n"
+            )
         manager.save(step + 1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
     if last > first and manager.latest_step() != last:
@@ -167,6 +179,9 @@ def plot_loss(records: list[dict], out_path: str, title: str = "training loss") 
     losses = [r["loss"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, lw=1, label="next-token loss (assistant turns)")
+    qat_steps = [r["step"] for r in records if r.get("qat")]
+    if qat_steps:
+        ax.axvline(qat_steps[0] - 1, color="k", ls="--", lw=1, label="QAT phase starts")
     if len(losses) >= 20:
         k = 20
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")

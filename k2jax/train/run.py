@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -40,6 +41,7 @@ def prepare(run_dir: str, recipe: Recipe) -> tuple[Config, np.ndarray, np.ndarra
             bos_token_id=tok.bos_id,
             eos_token_id=tok.encode_special("<|im_end|>"),
             pad_token_id=pad_id,
+            k2jax_data={"seed": recipe.data_seed, "conversations": recipe.num_conversations},
         )
         with open(config_path, "w") as f:
             json.dump(raw, f, indent=1)
@@ -55,18 +57,27 @@ def training_config(cfg: Config, qat: bool) -> Config:
 
 
 def run(run_dir: str, recipe: Recipe, *, stop_at: int | None = None, mesh=None) -> str:
-    """Trains ``recipe`` in ``run_dir`` and exports it; returns the export directory."""
+    """Trains ``recipe``'s phases in ``run_dir`` and exports it; returns the export directory.
+
+    Each phase resumes from the run's latest checkpoint (a phase already done is restored,
+    not retrained); the first phase's last checkpoint is kept for ``branch``.
+    """
     cfg, tokens, mask, pad_id = prepare(run_dir, recipe)
-    state = loop.train(
-        run_dir,
-        training_config(cfg, recipe.qat),
-        recipe.train,
-        tokens,
-        mask,
-        pad_id,
-        stop_at=stop_at,
-        mesh=mesh,
-    )
+    for tcfg, qat in recipe.phases:
+        state = loop.train(
+            run_dir,
+            training_config(cfg, qat),
+            tcfg,
+            tokens,
+            mask,
+            pad_id,
+            stop_at=min(tcfg.steps, stop_at if stop_at is not None else tcfg.steps),
+            mesh=mesh,
+            keep_period=recipe.float_steps,
+            record={"qat": qat},
+        )
+        if stop_at is not None and stop_at <= tcfg.steps:
+            break
     records = loop.read_metrics(run_dir)
     if records:
         try:
@@ -77,7 +88,12 @@ def run(run_dir: str, recipe: Recipe, *, stop_at: int | None = None, mesh=None) 
 
     out = os.path.join(run_dir, "export")
     extra = {
-        "k2jax_training": {"recipe": recipe.name, "steps": int(state["step"]), "qat": recipe.qat}
+        "k2jax_training": {
+            "recipe": recipe.name,
+            "steps": int(state["step"]),
+            "qat": recipe.qat,
+            "qat_from_step": recipe.float_steps if recipe.qat else None,
+        }
     }
     return export_hf(
         state["params"],
@@ -86,3 +102,35 @@ def run(run_dir: str, recipe: Recipe, *, stop_at: int | None = None, mesh=None) 
         tokenizer_file=os.path.join(run_dir, "tokenizer.model"),
         extra_config=extra,
     )
+
+
+def branch(source_dir: str, run_dir: str, recipe: Recipe) -> None:
+    """Starts ``run_dir`` from ``source_dir``'s first-phase checkpoint (same data and model).
+
+    For the evaluation's baseline: ``no_qat`` shares ``default``'s first phase bit for bit, so
+    it need not train it again. Refuses a source made by a different recipe's data or model.
+    """
+    if os.path.exists(run_dir):
+        raise FileExistsError(f"{run_dir} exists: branch into a new directory")
+    with open(os.path.join(source_dir, "config.json")) as f:
+        source_config = json.load(f)
+    want = {"seed": recipe.data_seed, "conversations": recipe.num_conversations}
+    expected = {**recipe.model, "k2jax_data": want}
+    for key, value in expected.items():
+        if key != "vocab_size" and source_config.get(key) != value:
+            raise ValueError(
+                f"{source_dir} was not made by {recipe.name}'s first phase: its {key} is "
+                f"{source_config.get(key)!r}, {recipe.name} has {value!r}"
+            )
+    step = recipe.float_steps
+    checkpoint = os.path.join(source_dir, "checkpoints", str(step))
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"{source_dir} has no checkpoint at the phase boundary {step}")
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    for name in ("tokenizer.model", "tokenizer.vocab", "config.json", "data.npz"):
+        shutil.copy2(os.path.join(source_dir, name), os.path.join(run_dir, name))
+    shutil.copytree(checkpoint, os.path.join(run_dir, "checkpoints", str(step)))
+    with open(os.path.join(source_dir, "metrics.jsonl"), encoding="utf-8") as src:
+        kept = [line for line in src if json.loads(line)["step"] <= step]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as dst:
+        dst.writelines(kept)
