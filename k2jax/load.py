@@ -65,11 +65,11 @@ class _LayerByLayer:
     holds one layer beyond the finished params, never a second copy of a stack.
     """
 
-    def __init__(self, cfg: Config, dtype, mesh, layout: str):
+    def __init__(self, cfg: Config, dtype, mesh, layout: str, strategy: str = "decode"):
         self.layout = layout
         self.abstract = k2model.abstract_params(cfg, dtype, layout)
-        self.shardings = _shardings(cfg, mesh, dtype, layout)
-        self.words_shardings = _shardings(cfg, mesh, dtype, "words")
+        self.shardings = _shardings(cfg, mesh, dtype, layout, strategy)
+        self.words_shardings = _shardings(cfg, mesh, dtype, "words", strategy)
         self.params: dict = {}
 
     def write(self, path: tuple[str, ...], index: int, layer) -> None:
@@ -119,7 +119,12 @@ def path_prefix(paths) -> tuple[str, ...]:
 
 
 def read_hf_params(
-    path: str | os.PathLike, dtype, mesh=None, layout: str = "words", experts: str | None = None
+    path: str | os.PathLike,
+    dtype,
+    mesh=None,
+    layout: str = "words",
+    experts: str | None = None,
+    strategy: str = "decode",
 ):
     """Validate an HF K2-format checkpoint and place its params layer by layer.
 
@@ -139,7 +144,7 @@ def read_hf_params(
     stored = expert_formats.STORAGE_LAYOUT[experts]
     layout = layout if stored == "words" else stored  # FP8 and bf16 experts run as stored
     ckpt.validate(all_specs(cfg, experts))
-    built = _LayerByLayer(cfg, dtype, mesh, layout)
+    built = _LayerByLayer(cfg, dtype, mesh, layout, strategy)
     params = built.params
     for _, where, value in place_all(ckpt, head_specs(cfg), dtype):
         _put(params, where, placement.place(value, _get(built.shardings, where)))
@@ -167,14 +172,16 @@ def is_hf_checkpoint(path: str | os.PathLike) -> bool:
     )
 
 
-def _shardings(cfg: Config, mesh, dtype, expert_layout: str = "words") -> dict:
-    """Where each parameter lives: the decode rules table given a mesh, else one device."""
+def _shardings(
+    cfg: Config, mesh, dtype, expert_layout: str = "words", strategy: str = "decode"
+) -> dict:
+    """Where each parameter lives: ``strategy``'s rules table given a mesh, else one device."""
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, k2model.abstract_params(cfg, dtype, expert_layout))
     from sharding.rules import param_shardings
 
-    return param_shardings(cfg, mesh, dtype=dtype, strategy="decode", expert_layout=expert_layout)
+    return param_shardings(cfg, mesh, dtype=dtype, strategy=strategy, expert_layout=expert_layout)
 
 
 def _platform(mesh) -> str:
@@ -200,7 +207,12 @@ def _converted_expert_layout(manifest: dict, experts: str | None) -> str:
 
 
 def load_converted(
-    path: str | os.PathLike, dtype, mesh=None, layout: str = "words", experts: str | None = None
+    path: str | os.PathLike,
+    dtype,
+    mesh=None,
+    layout: str = "words",
+    experts: str | None = None,
+    strategy: str = "decode",
 ) -> tuple[Config, dict]:
     """Restore a converted k2jax checkpoint, every array straight into its sharding.
 
@@ -216,11 +228,11 @@ def load_converted(
     cfg = Config.from_hf(os.path.join(path, "config.json"))
     stored = _converted_expert_layout(manifest, experts)
     abstract = k2model.abstract_params(cfg, dtype, stored)
-    shardings = _shardings(cfg, mesh, dtype, stored)
+    shardings = _shardings(cfg, mesh, dtype, stored, strategy)
     if layout == "words" or stored != "words":
         return cfg, checkpoint_format.restore_params(path, abstract, shardings)
     params = checkpoint_format.restore_params(path, abstract, shardings, leave_out=_is_expert)
-    built = _LayerByLayer(cfg, dtype, mesh, layout)
+    built = _LayerByLayer(cfg, dtype, mesh, layout, strategy)
     experts = abstract["moe_layers"]["moe"]["experts"]
     for index in range(cfg.num_moe_layers):
         host = {
@@ -242,13 +254,16 @@ def load(
     mesh=None,
     expert_layout: str | None = None,
     experts: str | None = None,
+    strategy: str = "decode",
 ) -> Model:
     """Load a model from a converted k2jax checkpoint or an HF K2-format checkpoint directory.
 
     ``dtype`` is the activation and dense-weight dtype: "auto" (float32 on the CPU, where
     XLA's bf16 dots are ~20x slower; bfloat16 on accelerators), "bfloat16", or "float32" (parity
     work); routed experts stay INT4 (packed int32 words + bf16 group scales) either way. With a
-    ``mesh``, every param is placed by the decode rules table (``sharding.rules``); a converted
+    ``mesh``, every param is placed by ``strategy``'s rules table (``sharding.rules``: "decode",
+    or "dp_attention" for data-parallel attention with the page pool split over the batch's
+    axes), which the model's activations then follow; a converted
     checkpoint is restored shard by shard without a host copy of the model, an HF directory is
     read and placed one layer at a time (each device receives only its shards).
 
@@ -271,8 +286,8 @@ def load(
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     layout = expert_layout or expert_layout_for(platform)
     if checkpoint_format.is_converted_checkpoint(path):
-        cfg, params = load_converted(path, dtype, mesh, layout, experts)
-        return _model(cfg, params, dtype, mesh)
+        cfg, params = load_converted(path, dtype, mesh, layout, experts, strategy)
+        return _model(cfg, params, dtype, mesh, strategy)
     if not is_hf_checkpoint(path):
         if os.path.isfile(os.path.join(path, "state.json")) or path.endswith(".partial"):
             raise FileNotFoundError(
@@ -282,14 +297,14 @@ def load(
             f"{path}: not a checkpoint directory (no model.safetensors.index.json, "
             "model.safetensors or converted k2jax checkpoint)"
         )
-    cfg, params = read_hf_params(path, dtype, mesh, layout, experts)
-    return _model(cfg, params, dtype, mesh)
+    cfg, params = read_hf_params(path, dtype, mesh, layout, experts, strategy)
+    return _model(cfg, params, dtype, mesh, strategy)
 
 
-def _model(cfg: Config, params: dict, dtype, mesh) -> Model:
-    """A Model whose activations follow the decode rules on ``mesh`` (none without one)."""
+def _model(cfg: Config, params: dict, dtype, mesh, strategy: str = "decode") -> Model:
+    """A Model whose activations follow ``strategy``'s rules on ``mesh`` (none without one)."""
     if mesh is None:
         return Model(cfg, params, dtype)
     from sharding.rules import flax_rules
 
-    return Model(cfg, params, dtype, mesh, rules=flax_rules("decode"))
+    return Model(cfg, params, dtype, mesh, rules=flax_rules(strategy))

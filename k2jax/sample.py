@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="data=1,expert=8,tensor=1",
         help="run sharded over a device mesh (sizes must multiply to the device count)",
     )
+    p.add_argument(
+        "--strategy",
+        choices=("decode", "dp_attention"),
+        default="decode",
+        help="with --mesh: the sharding rules (dp_attention: data-parallel attention, the batch "
+        "and its KV pages split over data x expert; see docs/sharding.md)",
+    )
     distributed.add_arguments(p)
     p.add_argument(
         "--no-compile-cache",
@@ -253,12 +260,13 @@ def _load_model(args, checked: _Checked):
             from k2jax.serving.loaded_model import Model
             from sharding import rules
 
-            params = rules.shard_params(model.params, model.config, mesh)
-            model = Model(model.config, params, model.dtype, mesh, rules.flax_rules("decode"))
+            strategy = args.strategy
+            params = rules.shard_params(model.params, model.config, mesh, strategy)
+            model = Model(model.config, params, model.dtype, mesh, rules.flax_rules(strategy))
     else:
         import k2jax
 
-        model = k2jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh)
+        model = k2jax.load(args.checkpoint, dtype=args.dtype, mesh=mesh, strategy=args.strategy)
         c = model.config
         trained = getattr(args, "trained_default", False)
         desc = (default_model.TRAINED_DESCRIPTION + " " if trained else "") + (
@@ -268,7 +276,7 @@ def _load_model(args, checked: _Checked):
             + ("tokenizer found" if checked.tokenizer else "no tokenizer (token ids only)")
         )
     if mesh is not None:
-        desc += f"; sharded over mesh {args.mesh}"
+        desc += f"; sharded over mesh {args.mesh} ({args.strategy} rules)"
     return model, desc + _cpu_kernels_note()
 
 

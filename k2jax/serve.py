@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="data=1,expert=8,tensor=1",
         help="run sharded over a device mesh (sizes must multiply to the device count)",
     )
+    p.add_argument(
+        "--strategy",
+        choices=("decode", "dp_attention"),
+        default="decode",
+        help="with --mesh: the sharding rules (dp_attention: data-parallel attention, the batch "
+        "and its KV pages split over data x expert; see docs/sharding.md)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")

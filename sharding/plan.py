@@ -41,6 +41,7 @@ from k2jax import model as k2model
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
 from k2jax.model.quant import expert_layout_for
+from k2jax.serving import placement
 from sharding import collectives, rules, search, topologies
 from sharding.mesh import AXES, make_mesh, parse_mesh
 
@@ -125,7 +126,8 @@ def plan(
         cost, temp_bytes, args_out = {}, 0, (0, 0, 0)
     weight_bytes = sum(per for _, per in split.values())
     total_weights = sum(tot for tot, _ in split.values())
-    kv_bytes = math.prod(pool_shape) * dtype.itemsize
+    pool_ways = math.prod(mesh_sizes[a] for a in rules.kv_pages_axes(mesh_sizes, strategy))
+    kv_bytes = math.prod(pool_shape) // pool_ways * dtype.itemsize  # one chip's share
     # Arguments are weights + cache + tokens; the donated cache is aliased by the new pool.
     total_bytes = weight_bytes + kv_bytes + temp_bytes
     if slice_ is not None and compiler.startswith("XLA:TPU"):
@@ -149,7 +151,9 @@ def plan(
     ici = collectives.collectives(compiled.as_text(), len(devices)) if compiled is not None else {}
     roof = _roofline(slice_, compiler, len(devices), accessed, flops, ici, batch)
     free = hbm - weight_bytes - temp_bytes if hbm else 0
-    per_token = cfg.num_layers * cfg.cache_width * dtype.itemsize  # the pool is replicated
+    # A token's latent is on every chip of its pool shard: the slice holds pool_ways times what
+    # one chip's free memory holds.
+    per_token = cfg.num_layers * cfg.cache_width * dtype.itemsize
     groups = _group_split(split)
     return {
         "compiler": compiler,
@@ -181,7 +185,10 @@ def plan(
         "ici_bytes": {k: v["bytes"] for k, v in ici.items()},
         "ici_ops": {k: v["count"] for k, v in ici.items()},
         **roof,
-        "kv_capacity_tokens": max(free, 0) // per_token if compiled is not None else 0,
+        "kv_capacity_tokens": pool_ways * (max(free, 0) // per_token)
+        if compiled is not None
+        else 0,
+        "kv_pool_shards": pool_ways,
         "warnings": (
             [
                 "XLA's per-MoE-layer bytes came out negative (the MoE-less program counted "
@@ -255,17 +262,28 @@ def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
         shardings,
     )
     pages_per_seq = -(-context // page_size)
-    num_pages = batch * pages_per_seq + 1  # + the scratch page
+    # Every head shard needs the whole latent cache of its sequences (it is shared by all
+    # heads): whole on every chip under ``decode``, split by batch shard under
+    # ``dp_attention`` (each shard with its own scratch page).
+    pool_axes = rules.kv_pages_axes(dict(mesh.shape), strategy)
+    shards = math.prod(mesh.shape[a] for a in pool_axes)
+    num_pages = search.pool_pages(batch, context, page_size, shards)
     pool_shape = (cfg.num_layers, num_pages, page_size, cfg.cache_width)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # Every head shard needs the whole latent cache (it is shared by all heads), so the pool is
-    # replicated; sharding it by sequence or batch is the change long contexts need.
+    pool = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, pool_axes or None))
     cache = kv_cache.PagedCache(
-        jax.ShapeDtypeStruct(pool_shape, dtype, sharding=replicated),
+        jax.ShapeDtypeStruct(pool_shape, dtype, sharding=pool),
         jax.ShapeDtypeStruct((batch, pages_per_seq), jnp.int32, sharding=replicated),
     )
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=replicated)
-    step = jax.jit(decode_step(cfg, dtype, scan_layers), donate_argnums=(3,))
+    # The pool row-major in and out, as the engine's step pins it (``placement.row_major``).
+    pinned = placement.row_major(pool, 4)
+    step = jax.jit(
+        decode_step(cfg, dtype, scan_layers),
+        donate_argnums=(3,),
+        in_shardings=(None, None, None, kv_cache.PagedCache(pinned, None)),
+        out_shardings=(None, pinned),
+    )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), rules.logical_rules_context(strategy):
         lowered = step.lower(params, tokens, tokens, cache)
@@ -479,7 +497,7 @@ def format_table(r: dict) -> str:
     lines += ["", f"{'per device':34s} {'GB':>10s}"]
     rows = [
         ("weights", r["weight_bytes"]),
-        ("KV cache (replicated latent pool)", r["kv_cache_bytes"]),
+        ("KV cache (latent pool, one chip's share)", r["kv_cache_bytes"]),
         ("compiler temporaries", r["temp_bytes"]),
         ("total", r["total_bytes"]),
         ("HBM", r["hbm_bytes"]),

@@ -34,13 +34,17 @@ devices); a dense weight whose dimension a rule's axes do not divide takes the l
 subset of them that does (4 heads over expert=8: replicated), which keeps tiny test models and
 odd meshes running; ``param_bytes_per_device`` reports what each chip really holds.
 
-The strategies differ in the batch axis of activations:
+The strategies differ in the batch axis of activations (and ``dp_attention`` in the pool):
 
 - ``decode``: ``act_batch -> (data,)``.
 - ``prefill``: ``act_batch -> (data, expert)``. Compute-bound: the batch is also split over
   ``expert`` so attention is not computed ``expert`` times over; the MoE gathers its tokens
   over ``expert`` on the way in and reduce-scatters them on the way out, and the partitioner
   gathers the head-split weights over ``expert`` where the batch holds that axis.
+- ``dp_attention`` (data-parallel attention): ``act_batch`` and ``kv_pages`` (the page pool's
+  page axis) -> ``(data, expert)``; heads, MLPs and vocab -> ``(tensor,)``; routed experts as
+  above. Each batch shard owns its sequences' pages on its own chips (the engine's
+  ``PartitionedAllocator``), so the pool per chip is 1/(data x expert) of the slice's.
 
 Where each collective happens and its size: ``sharding``'s package docstring.
 """
@@ -86,9 +90,25 @@ _PARAMS: dict[str, tuple[str, ...]] = {
 # each device E / shards experts). Every other name takes the largest subset that divides.
 STRICT = frozenset({"experts"})
 
+# Data-parallel attention: the batch and its page pool over (data, expert), so each chip
+# attends over its own sequences' pages and the slice holds data x expert times the tokens of
+# a replicated pool; the routed experts stay split over (expert, tensor) (not copied), the MoE
+# gathering its tokens over expert; MLA, the MLPs and the vocab over tensor only (a head split
+# over an axis the batch uses would be all-gathered every layer).
+_DATA_PARALLEL_ATTENTION = {
+    **_PARAMS,
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "shared_mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "act_batch": ("data", "expert"),
+    "kv_pages": ("data", "expert"),
+}
+
 STRATEGIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "decode": {**_PARAMS, "act_batch": ("data",)},
-    "prefill": {**_PARAMS, "act_batch": ("data", "expert")},
+    "decode": {**_PARAMS, "act_batch": ("data",), "kv_pages": ()},
+    "prefill": {**_PARAMS, "act_batch": ("data", "expert"), "kv_pages": ()},
+    "dp_attention": _DATA_PARALLEL_ATTENTION,
 }
 
 
@@ -101,6 +121,12 @@ def rules_for(strategy: str) -> dict[str, tuple[str, ...]]:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (use one of {sorted(STRATEGIES)})")
     return dict(STRATEGIES[strategy])
+
+
+def kv_pages_axes(mesh_shape: Mapping[str, int], strategy: str) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) ``strategy`` splits the page pool's pages over; () when the
+    pool is whole on every chip."""
+    return tuple(a for a in rules_for(strategy).get("kv_pages", ()) if mesh_shape.get(a, 1) > 1)
 
 
 def flax_rules(strategy: str) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

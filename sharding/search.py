@@ -7,7 +7,8 @@ it (the expert stacks divide) and data divides the batch. The estimate, per chip
 step, uses only arithmetic (no compile, milliseconds a candidate):
 
 - weights: ``rules.param_bytes_per_device`` (what the rules put on a chip);
-- KV: the whole latent pool (replicated; see docs/sharding.md, "Long contexts");
+- KV: the latent pool, whole on every chip, or its shard under ``dp_attention`` (each batch
+  shard's sequences only; see docs/sharding.md, "Data-parallel attention");
 - reads: the dense weights a chip holds + the routed experts its tokens choose (the expected
   distinct experts on one shard, uniform routing) + the cache of its sequences;
 - FLOPs: 2 x tokens x the dense weights a chip holds + attention over the context for its heads
@@ -37,8 +38,8 @@ HEADROOM = 0.95
 # left out: with the heads split over ``expert`` and the latent pool replicated, XLA:TPU
 # regathers per layer; measured on v5p-64 at batch 64, context 8192, it read 18.9 TB and sent
 # 67 GB over ICI a step (6.97 s). Splitting the batch for attention needs the partitioned
-# pool (data-parallel attention, deferred).
-DECODE_STRATEGIES = ("decode",)
+# pool: ``dp_attention``, searched.
+DECODE_STRATEGIES = ("decode", "dp_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +72,17 @@ def factorizations(n: int) -> list[dict[str, int]]:
     return out
 
 
-def pool_bytes(cfg: Config, batch: int, context: int, page_size: int, itemsize: int) -> int:
-    """The latent pool of ``batch`` sequences of ``context`` positions (+ the scratch page)."""
-    pages = batch * -(-context // page_size) + 1
+def pool_pages(batch: int, context: int, page_size: int, shards: int = 1) -> int:
+    """Pages of a pool for ``batch`` sequences of ``context`` positions in ``shards`` equal
+    shards, each with its own scratch page (``batch`` divisible by ``shards``)."""
+    return shards * (batch // shards * -(-context // page_size) + 1)
+
+
+def pool_bytes(
+    cfg: Config, batch: int, context: int, page_size: int, itemsize: int, shards: int = 1
+) -> int:
+    """Bytes of one chip's share of that pool (one shard)."""
+    pages = pool_pages(batch, context, page_size, shards) // shards
     return cfg.num_layers * pages * page_size * cfg.cache_width * itemsize
 
 
@@ -110,7 +119,10 @@ def estimate(
     weights = sum(per for _, per in split.values())
     experts_total = sum(tot for p, (tot, _) in split.items() if "/experts/" in p)
     dense_per_chip = sum(per for p, (_, per) in split.items() if "/experts/" not in p)
-    kv = pool_bytes(cfg, batch, context, page_size, itemsize)
+    pool_ways = math.prod(sizes[a] for a in rules.kv_pages_axes(sizes, strategy))
+    if batch % pool_ways:
+        return None
+    kv = pool_bytes(cfg, batch, context, page_size, itemsize, pool_ways)
     tokens = batch // d  # the tokens the MoE of one chip sees (gathered over expert if split)
     attn_tokens = batch // ways
     layers, moe_layers = cfg.num_layers, cfg.num_moe_layers
@@ -121,7 +133,10 @@ def estimate(
     distinct = local * (1 - (1 - 1 / num_e) ** pairs)
     kv_read = attn_tokens * context * layers * cfg.cache_width * itemsize
     read = dense_per_chip + moe_layers * distinct * per_expert + kv_read
-    heads = cfg.num_heads // (e if cfg.num_heads % e == 0 else 1)
+    head_axes = rules.dividing_axes(
+        tuple(a for a in rules.rules_for(strategy)["heads"] if a in sizes), cfg.num_heads, sizes
+    )
+    heads = cfg.num_heads // math.prod(sizes[a] for a in head_axes)
     width = cfg.kv_lora_rank * 2 + cfg.qk_rope_head_dim
     flops = (
         2 * tokens * dense_per_chip / itemsize

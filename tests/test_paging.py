@@ -11,7 +11,12 @@ import pytest
 from k2jax.model import attention, kv_cache
 from k2jax.model.attention import MLAttention
 from k2jax.model.config import Config
-from k2jax.serving.page_allocator import OutOfPages, PageAllocator, pages_for
+from k2jax.serving.page_allocator import (
+    OutOfPages,
+    PageAllocator,
+    PartitionedAllocator,
+    pages_for,
+)
 
 
 def test_allocator_never_hands_out_scratch_or_a_live_page():
@@ -50,6 +55,32 @@ def test_allocator_errors_and_tables():
     assert alloc.num_free == 3
     with pytest.raises(ValueError, match="page 0 is scratch"):
         PageAllocator(num_pages=1, page_size=2)
+
+
+def test_a_partitioned_pool_keeps_each_sequence_in_its_rows_shard():
+    """4 shards of 8 pages: rows 0-1 are shard 0, rows 6-7 shard 3; a sequence's pages (global
+    ids) all lie in its shard's range, never on a shard's first (scratch) page, and running
+    out in one shard leaves the others untouched."""
+    alloc = PartitionedAllocator(32, page_size=4, shards=4)
+    assert [alloc.shard_of_slot(s, 8) for s in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for seq, shard in (("a", 0), ("b", 3), ("c", 3)):
+        alloc.start(seq, [], [], shard)
+    alloc.ensure("a", 9)  # 3 pages
+    alloc.ensure("b", 12)
+    assert alloc.pages("a") == [1, 2, 3]
+    assert alloc.pages("b") == [25, 26, 27]
+    table = alloc.block_table("b", 5)
+    assert table.tolist() == [25, 26, 27, 0, 0]  # unused entries: the scratch page
+    with pytest.raises(OutOfPages):
+        alloc.ensure("c", 20)  # shard 3 has 4 pages left, 5 needed
+    assert alloc.pages("c") == [] and alloc.num_used == 6
+    alloc.free("b")
+    assert alloc.ensure("c", 20) == [25, 26, 27, 28, 29]
+    alloc.free("a")
+    alloc.free("c")
+    assert alloc.all_free_or_cached() and alloc.num_usable == 28
+    with pytest.raises(ValueError, match="multiple of 3"):
+        PartitionedAllocator(32, page_size=4, shards=3)
 
 
 def test_cache_write_read_roundtrip_and_padding_goes_to_scratch():

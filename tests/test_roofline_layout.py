@@ -119,3 +119,31 @@ def test_k2_dense_weights_per_chip_on_32_chips():
     assert round(sum(tot for tot, _ in dense.values()) / 1e9, 1) == 23.4
     assert round(replicated / 1e9, 1) == 2.2
     assert sum(per for _, per in dense.values()) < 2.9e9
+
+
+@pytest.mark.parametrize(
+    "axes", [{"expert": 8}, {"data": 2, "expert": 2, "tensor": 2}], ids=["expert8", "d2e2t2"]
+)
+def test_data_parallel_attention_splits_the_pool_and_gives_the_one_device_tokens(
+    checkpoint, one_device, axes
+):
+    """``dp_attention``: the batch and its page pool over (data, expert), each row's pages in
+    its own shard (the engine's ``PartitionedAllocator``), read there by the Pallas kernel
+    through local page ids; heads over tensor. Same greedy tokens as one device."""
+    mesh = make_mesh(**axes)
+    model = k2jax.load(checkpoint, dtype="float32", mesh=mesh, strategy="dp_attention")
+    shards = axes.get("data", 1) * axes["expert"]
+    runner = engine.Engine(
+        model.config,
+        model.params,
+        model.dtype,
+        EngineConfig(max_batch=8, prefill_chunk=8),
+        mesh=model.mesh,
+        rules=model.rules,
+    )
+    assert runner.pool_shards == shards
+    pages, _ = runner.new_state(num_pages=32, slots=8)
+    assert {s.data.shape[1] for s in pages.addressable_shards} == {32 // shards}
+    batch8, batch1 = one_device
+    assert _greedy(model, PROMPTS) == batch8
+    assert _greedy(model, [PROMPTS[2]]) == batch1

@@ -109,15 +109,23 @@ def test_invalid_sampling_flags_are_refused(args, message, capsys):
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("mesh", ["data=1,expert=4,tensor=2", "data=2,expert=4,tensor=1"])
-def test_mesh_flag_runs_sharded_with_the_same_tokens(tmp_path, mesh):
+@pytest.mark.parametrize(
+    "mesh, strategy",
+    [
+        ("data=1,expert=4,tensor=2", "decode"),
+        ("data=2,expert=4,tensor=1", "decode"),
+        ("data=2,expert=2,tensor=2", "dp_attention"),
+    ],
+)
+def test_mesh_flag_runs_sharded_with_the_same_tokens(tmp_path, mesh, strategy):
     """``--mesh`` places the model by the decode rules over 8 fake devices, data-parallel too:
-    the engine's inputs and sampled tokens are replicated on the mesh; same greedy ids."""
+    the engine's inputs and sampled tokens are replicated on the mesh; same greedy ids. With
+    ``--strategy dp_attention`` the page pool is split over data x expert as well."""
     args = ["--max-new-tokens", "6", "--temperature", "0", "--json", "--stop-ids", ""]
     plain = json.loads(run_cli(args, tmp_path).stdout)
-    sharded_proc = run_cli([*args, "--mesh", mesh], tmp_path, devices=8)
+    sharded_proc = run_cli([*args, "--mesh", mesh, "--strategy", strategy], tmp_path, devices=8)
     sharded = json.loads(sharded_proc.stdout)
-    assert f"sharded over mesh {mesh}" in sharded["model"]
+    assert f"sharded over mesh {mesh} ({strategy} rules)" in sharded["model"]
     assert sharded["new_ids"] == plain["new_ids"] and len(plain["new_ids"]) == 6
 
 

@@ -110,6 +110,14 @@ class MLAttention(nn.Module):
             with jax.named_scope("mla_naive"):
                 out_BTNU = self._naive(q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT)
             return jnp.einsum("BTNU,NUD->BTD", out_BTNU, self.w_o), None
+        pool_axes = _pool_axes(cache.pages.shape[1], x_BTD.shape[0])
+        if pool_axes:
+            with jax.named_scope("mla_partitioned_pool"):
+                out_lat_BTNC, pages = self._attend_pool_shards(
+                    q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT, cache, layer, pool_axes
+                )
+            out_BTNU = jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
+            return jnp.einsum("BTNU,NUD->BTD", out_BTNU, self.w_o), pages
         with jax.named_scope("mla_cache_write"):
             pages = kv_cache.write_layer(
                 cache.pages, layer, cache.block_tables, positions_BT, latents_BTW
@@ -192,13 +200,72 @@ class MLAttention(nn.Module):
         ).astype(q_nope_BTNH.dtype)
         return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
 
+    def _attend_pool_shards(
+        self, q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT, cache, layer, pool_axes
+    ):
+        """Write and attend with the pool split over ``pool_axes`` (data-parallel attention).
+
+        Row block s of the batch owns pages [s P / n, (s + 1) P / n) of the pool (the engine's
+        ``PartitionedAllocator``), so in a shard_map over those axes each device writes and
+        reads only its own pool shard, through block tables turned into local page ids (the
+        scratch page maps to the shard's own first page). Heads stay split as their weights
+        are, over the head axes the pool does not use. Returns the latent output [B, T, N, C]
+        in the queries' dtype and the new pool.
+        """
+        mesh = jax.sharding.get_abstract_mesh()
+        q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        head_axes = tuple(a for a in mesh_axes("heads") if a not in pool_axes)
+        heads = _dividing(head_axes, q_lat_BTNC.shape[2], mesh) or None
+        on_tpu = target_platform() == "tpu"
+
+        def local(q_lat_BTNC, q_pe_BTNR, latents_BTW, positions_BT, tables_BP, pages, layer):
+            base = jax.lax.axis_index(pool_axes) * pages.shape[1]
+            local_BP = jnp.where(tables_BP == kv_cache.SCRATCH_PAGE, 0, tables_BP - base)
+            pages = kv_cache.write_layer(pages, layer, local_BP, positions_BT, latents_BTW)
+            if on_tpu:
+                out = mla_pallas.paged_mla_attention(
+                    q_lat_BTNC,
+                    q_pe_BTNR,
+                    pages,
+                    layer,
+                    local_BP,
+                    positions_BT,
+                    scale=self.cfg.softmax_scale,
+                )
+            else:
+                cached_BPKW = kv_cache.read_pages(pages, layer, local_BP)
+                out = self._latent_attention(q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT)
+            return out.astype(q_lat_BTNC.dtype), pages
+
+        P = jax.sharding.PartitionSpec
+        q, rows, pool = P(pool_axes, None, heads, None), P(pool_axes), P(None, pool_axes)
+        return jax.shard_map(
+            local,
+            in_specs=(q, q, rows, rows, rows, pool, P()),
+            out_specs=(q, pool),
+            check_vma=False,
+        )(
+            q_lat_BTNC,
+            q_pe_BTNR,
+            latents_BTW,
+            positions_BT,
+            cache.block_tables,
+            cache.pages,
+            jnp.asarray(layer, jnp.int32),
+        )
+
     def absorbed(self, q_nope_BTNH, q_pe_BTNR, cached_BPKW, positions_BT):
         """Attention over cached pages [B, P, K, W] in sequence order (position p * K + k)."""
-        c = self.cfg
-        b, p, k, w = cached_BPKW.shape
-        cached_BPKW = cached_BPKW.astype(q_nope_BTNH.dtype)
         # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key.
         q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        out_lat_BTNC = self._latent_attention(q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT)
+        return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
+
+    def _latent_attention(self, q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT):
+        """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv over cached pages [B, P, K, W]."""
+        c = self.cfg
+        b, p, k, w = cached_BPKW.shape
+        cached_BPKW = cached_BPKW.astype(q_lat_BTNC.dtype)
         key_pos_BS = jnp.broadcast_to(jnp.arange(p * k), (b, p * k))
         if target_platform() == "cpu":
             out_lat_BTNC = self._latent_sum_cpu(
@@ -214,7 +281,7 @@ class MLAttention(nn.Module):
             ) + jnp.einsum("BTNR,BSR->BNTS", q_pe_BTNR, k_pe_BSR, preferred_element_type=f32)
             probs_BNTS = self._softmax(scores_BNTS, positions_BT, key_pos_BS)
             out_lat_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS.astype(c_kv_BSC.dtype), c_kv_BSC)
-        return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
+        return out_lat_BTNC
 
     def _latent_sum_cpu(self, q_lat_BTNC, q_pe_BTNR, cached_BPKW, positions_BT, key_pos_BS):
         """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv, laid out for XLA:CPU.
@@ -257,6 +324,22 @@ def _dividing(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...]:
             break
         kept = (*kept, axis)
     return kept
+
+
+def _pool_axes(num_pages: int, batch: int) -> tuple[str, ...]:
+    """The mesh axes the page pool is split over (the rules' ``kv_pages``), checked to divide
+    the pool and the batch; () for a replicated pool or no mesh."""
+    axes = mesh_axes("kv_pages")
+    if not axes:
+        return ()
+    mesh = jax.sharding.get_abstract_mesh()
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if num_pages % ways or batch % ways:
+        raise ValueError(
+            f"the page pool is split over mesh axes {axes} ({ways} ways), which must divide its "
+            f"{num_pages} pages and the batch of {batch} rows"
+        )
+    return axes
 
 
 def _partitioned(kernel, q_lat_BTNC, q_pe_BTNR, pages, layer, tables_BP, positions_BT):

@@ -1,12 +1,13 @@
 """The continuous-batching decode engine: its step program and the scheduling both engines share.
 
 Host side, a ``Scheduler`` keeps a fixed number of batch slots, a queue of waiting sequences, a
-``PageAllocator`` and each sequence's progress; device side, one jitted step function runs the
-model over the paged latent cache and samples the next token of every row. Two engines drive a
-``Scheduler``: the batch ``Engine.run`` here (a fresh pool per call, programs compiled by
-``jit`` as shapes appear) and the long-lived ``PersistentEngine``
-(``k2jax.serving.persistent_engine``: one pool, programs compiled at start-up for a fixed set of
-buckets, requests admitted and retired between steps from a background thread), which
+``PartitionedAllocator`` (one ``PageAllocator`` per pool shard) and each sequence's progress;
+device side, one jitted step function runs the model over the paged latent cache and samples
+the next token of every row. Two engines drive a ``Scheduler``: the batch ``Engine.run`` here
+(a fresh pool per call, programs compiled by ``jit`` as shapes appear) and the long-lived
+``PersistentEngine`` (``k2jax.serving.persistent_engine``: one pool, programs compiled at
+start-up for a fixed set of buckets, requests admitted and retired between steps from a
+background thread), which
 ``Model.generate`` / ``generate_stream`` and the agent run on.
 
 One step feeds every active row the tokens it has not cached yet: a row still prefilling feeds
@@ -35,6 +36,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -49,7 +51,12 @@ from k2jax.model import kv_cache
 from k2jax.model.config import Config
 from k2jax.serving import placement, sampling
 from k2jax.serving.options import EngineConfig, GenerateOptions  # noqa: F401  (re-exported)
-from k2jax.serving.page_allocator import OutOfPages, PageAllocator, RequestTooLarge, pages_for
+from k2jax.serving.page_allocator import (
+    OutOfPages,
+    PartitionedAllocator,
+    RequestTooLarge,
+    pages_for,
+)
 from k2jax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
@@ -126,6 +133,7 @@ def _step_fn(
     compiler_options=None,
     target=None,
     mesh=None,
+    pool_axes: tuple[str, ...] = (),
 ):
     """The jitted engine step for one model; jit's own cache holds one program per shape.
 
@@ -161,8 +169,27 @@ def _step_fn(
     options = dict(compiler_options) if compiler_options else None
     # On a mesh every output has a declared placement: replicated, so each process (multi-host
     # included) reads the sampled tokens from its own copy, once per step.
-    out = None if mesh is None else placement.replicated(mesh)
-    return jax.jit(step, donate_argnums=(1, 2), compiler_options=options, out_shardings=out)
+    # The pool comes back split as it went in (over ``pool_axes``), so it is donated in place.
+    # Its layout is pinned row-major (``placement.row_major``) in and out, so the donated pool
+    # is updated in place, not copied.
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(1, 2), compiler_options=options)
+    pool = pool_sharding(mesh, pool_axes)
+    replicated = placement.replicated(mesh)
+    return jax.jit(
+        step,
+        donate_argnums=(1, 2),
+        compiler_options=options,
+        in_shardings=(None, pool, *[None] * 8),
+        out_shardings=(pool, replicated, replicated),
+    )
+
+
+def pool_sharding(mesh, pool_axes: tuple[str, ...]):
+    """The page pool [L, P, S_page, W] on ``mesh``: pages split over ``pool_axes``, else whole
+    on every device; row-major (``placement.row_major``)."""
+    spec = jax.sharding.PartitionSpec(None, pool_axes or None)
+    return placement.row_major(jax.sharding.NamedSharding(mesh, spec), 4)
 
 
 def unpack_step_output(out: np.ndarray):
@@ -224,10 +251,12 @@ class Engine:
             self.cache_dtype = jnp.dtype(jnp.bfloat16)
         options = self.engine_cfg.compiler_options
         # The target is part of the key: a step traced for the CPU must not serve a TPU target.
-        self._step = _step_fn(cfg, self.dtype, scan_layers, options, target_override(), mesh)
         # A model placed on a mesh runs its steps under that mesh and its logical-axis rules,
         # as Model.logits does, so the model's sharding hints take effect.
         self.mesh, self.rules = mesh, tuple(rules or ())
+        self._step = _step_fn(
+            cfg, self.dtype, scan_layers, options, target_override(), mesh, self.pool_axes
+        )
         self.num_preemptions = 0
 
     def _put(self, tree):
@@ -241,6 +270,34 @@ class Engine:
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
+
+    @property
+    def pool_axes(self) -> tuple[str, ...]:
+        """Mesh axes the page pool is split over (the rules' ``kv_pages``; () when replicated).
+
+        Data-parallel attention: each shard of the batch owns its sequences' pages, so the
+        slice holds ``pool_shards`` times the tokens of one device's share of memory."""
+        if self.mesh is None:
+            return ()
+        axes = dict(self.rules).get("kv_pages") or ()
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
+
+    @property
+    def pool_shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.pool_axes)
+
+    def new_allocator(self, num_pages: int, prefix_cache: bool) -> PartitionedAllocator:
+        """Host bookkeeping for a pool of ``num_pages``, in the pool's shards."""
+        return PartitionedAllocator(
+            num_pages, self.engine_cfg.page_size, prefix_cache, self.pool_shards
+        )
+
+    def slots_for(self, wanted: int) -> int:
+        """Batch rows for ``wanted`` sequences: rounded up to whole pool shards (every shard of
+        a split pool has the same rows; ``max_batch`` 1 over 4 shards runs 4 rows, 3 idle)."""
+        shards = self.pool_shards
+        return -(-wanted // shards) * shards
 
     def page_bytes(self) -> int:
         """Device bytes of one cache page (every layer), per device holding the pool."""
@@ -259,7 +316,7 @@ class Engine:
 
         seen = np.zeros((slots, cfg.vocab_size), np.int8)
         if self.mesh is not None:
-            pages = jax.jit(new_pool, out_shardings=placement.replicated(self.mesh))()
+            pages = jax.jit(new_pool, out_shardings=pool_sharding(self.mesh, self.pool_axes))()
             return pages, self._put(seen)
         pages, seen = new_pool(), jnp.asarray(seen)
         if self._device is not None:
@@ -296,7 +353,7 @@ class Engine:
 
     def check_fits(self, r: Request, num_pages: int, name: str = "request") -> None:
         """``RequestTooLarge`` (an ``OutOfPages`` and a ``ValueError``) when ``r`` alone could
-        not fit in a pool of ``num_pages`` pages."""
+        not fit in a pool (or, with a partitioned pool, a pool shard) of ``num_pages`` pages."""
         ec = self.engine_cfg
         # The last new token is never fed back, so it needs no cache position.
         need = pages_for(len(r.prompt) + r.max_new_tokens - 1, ec.page_size)
@@ -315,6 +372,7 @@ class Engine:
     def _pool_pages(self, requests: Sequence[Request], slots: int) -> int:
         if self.engine_cfg.num_pages is not None:
             return self.engine_cfg.num_pages
+        shards = self.pool_shards
         need = sorted(
             (
                 pages_for(len(r.prompt) + r.max_new_tokens, self.engine_cfg.page_size)
@@ -323,7 +381,8 @@ class Engine:
             reverse=True,
         )
         # A power of two, so a new prompt length rarely changes the pool's shape (a recompile).
-        return _next_pow2(1 + sum(need[:slots]))
+        # Each shard holds its rows' pages, so each is sized for the largest rows.
+        return shards * _next_pow2(1 + sum(need[: slots // shards]))
 
     def run(self, requests: Sequence[Request]) -> Iterator[list[TokenEvent]]:
         """Generate for every request; yields, per engine step, the tokens that step produced.
@@ -338,10 +397,10 @@ class Engine:
         live = [r for r in requests if r.max_new_tokens > 0]
         if not live:
             return
-        slots = min(ec.max_batch, _next_pow2(len(live)))
-        alloc = PageAllocator(self._pool_pages(live, slots), ec.page_size, ec.prefix_cache)
+        slots = self.slots_for(min(ec.max_batch, _next_pow2(len(live))))
+        alloc = self.new_allocator(self._pool_pages(live, slots), ec.prefix_cache)
         for i, r in enumerate(requests):
-            self.check_fits(r, alloc.num_pages, f"request {i}")
+            self.check_fits(r, alloc.shard_pages, f"request {i}")
         scheduler = Scheduler(self, slots, alloc, lambda chunk, width: self._step)
         for i, r in enumerate(requests):
             if r.max_new_tokens > 0:
@@ -365,7 +424,7 @@ class Scheduler:
         self,
         engine: Engine,
         slots: int,
-        alloc: PageAllocator,
+        alloc: PartitionedAllocator,
         program: Callable[[int, int], Callable],
     ):
         self.engine, self.slots, self.alloc = engine, slots, alloc
@@ -406,11 +465,12 @@ class Scheduler:
                 continue
             seq = self.waiting[0]
             tokens = seq.tokens
-            hits, digests = alloc.cached_prefix(tokens)
-            if not alloc.fits(hits, len(tokens)):
-                break
+            shard = alloc.shard_of_slot(slot, self.slots)
+            hits, digests = alloc.cached_prefix(tokens, shard)
+            if not alloc.fits(hits, len(tokens), shard):
+                continue  # another slot's pool shard may have room
             self.waiting.popleft()
-            alloc.start(seq.key, hits, digests)
+            alloc.start(seq.key, hits, digests, shard)
             seq.cached, seq.prefill_end = len(hits) * ec.page_size, len(tokens)
             if not seq.generated:
                 seq.cached_tokens = seq.cached
@@ -430,7 +490,7 @@ class Scheduler:
         ec, alloc = self.engine.engine_cfg, self.alloc
         if not ec.preempt:
             raise OutOfPages(
-                f"the page pool ({alloc.num_pages - 1} usable pages of {ec.page_size} "
+                f"the page pool ({alloc.num_usable} usable pages of {ec.page_size} "
                 "tokens) is exhausted and preemption is disabled: raise num_pages, lower "
                 "max_batch, or enable preemption"
             )
@@ -460,7 +520,10 @@ class Scheduler:
                     alloc.ensure(seq.key, seq.cached + feed)
                     break
                 except OutOfPages:
-                    others = [s for s in self.running if s is not None]
+                    shard = alloc.shard(seq.key)  # only its own shard's pages can help
+                    others = [
+                        s for s in self.running if s is not None and alloc.shard(s.key) == shard
+                    ]
                     victim = max(others, key=lambda s: s.admitted)
                     if victim is seq and len(others) == 1:
                         raise  # cannot happen for a validated request; kept as a guard

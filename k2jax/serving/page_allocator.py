@@ -195,3 +195,107 @@ class PageAllocator:
             chain.digest = chain_digest(chain.digest, tokens[k * size : (k + 1) * size])
             chain.named = k + 1
             self.cache.insert(table[k], chain.digest)
+
+
+class PartitionedAllocator:
+    """The pool's pages in ``shards`` equal ranges, one ``PageAllocator`` each (data-parallel
+    attention: each shard of the batch owns its sequences' pages on its own devices).
+
+    Shard s owns global pages ``[s * shard_pages, (s + 1) * shard_pages)``; the first of them is
+    its scratch page. A sequence is bound to one shard when it starts (``start``) and every
+    later call for it is routed there; ``block_table`` gives global page ids (the scratch page
+    stays ``SCRATCH_PAGE``), which the model's attention turns into its shard's local ids. With
+    one shard this is exactly a ``PageAllocator`` over the whole pool.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, prefix_cache: bool = False, shards=1):
+        if shards < 1 or num_pages % shards:
+            raise ValueError(
+                f"num_pages {num_pages} cannot be split into {shards} equal pool shards: make it "
+                f"a multiple of {shards}"
+            )
+        self.num_pages, self.page_size, self.shards = num_pages, page_size, shards
+        self.shard_pages = num_pages // shards
+        self.parts = [
+            PageAllocator(self.shard_pages, page_size, prefix_cache) for _ in range(shards)
+        ]
+        self._shard_of: dict[Hashable, int] = {}
+
+    @property
+    def cache(self):
+        """The first shard's prefix cache, or None when prefix caching is off."""
+        return self.parts[0].cache
+
+    @property
+    def num_free(self) -> int:
+        return sum(p.num_free for p in self.parts)
+
+    @property
+    def num_cached(self) -> int:
+        return sum(p.num_cached for p in self.parts)
+
+    @property
+    def num_available(self) -> int:
+        return sum(p.num_available for p in self.parts)
+
+    @property
+    def num_used(self) -> int:
+        return sum(p.num_used for p in self.parts)
+
+    @property
+    def num_usable(self) -> int:
+        """Pages sequences may hold in all (each shard's scratch page excluded)."""
+        return self.num_pages - self.shards
+
+    def all_free_or_cached(self) -> bool:
+        return not self._shard_of and all(p.all_free_or_cached() for p in self.parts)
+
+    def shard_of_slot(self, slot: int, slots: int) -> int:
+        """The pool shard of batch row ``slot``: rows are split into ``shards`` equal blocks, as
+        the batch axis is over the mesh."""
+        return slot * self.shards // slots
+
+    def shard(self, seq: Hashable) -> int:
+        return self._shard_of.get(seq, 0)
+
+    def _part(self, seq: Hashable) -> PageAllocator:
+        return self.parts[self.shard(seq)]
+
+    def pages(self, seq: Hashable) -> list[int]:
+        """``seq``'s table as global page ids."""
+        base = self.shard(seq) * self.shard_pages
+        return [base + p for p in self._part(seq).pages(seq)]
+
+    def needed(self, seq: Hashable, num_tokens: int) -> int:
+        return self._part(seq).needed(seq, num_tokens)
+
+    def ensure(self, seq: Hashable, num_tokens: int) -> list[int]:
+        self._part(seq).ensure(seq, num_tokens)
+        return self.pages(seq)
+
+    def free(self, seq: Hashable) -> None:
+        self._part(seq).free(seq)
+        self._shard_of.pop(seq, None)
+
+    def block_table(self, seq: Hashable, width: int) -> np.ndarray:
+        """``seq``'s table as int32 [width] of global ids, padded with the scratch page."""
+        row = self._part(seq).block_table(seq, width)
+        base = self.shard(seq) * self.shard_pages
+        return np.where(row == SCRATCH_PAGE, SCRATCH_PAGE, row + base).astype(np.int32)
+
+    def cached_prefix(self, tokens: Sequence[int], shard: int = 0):
+        """``PageAllocator.cached_prefix`` in ``shard`` (local page ids, for ``start``)."""
+        return self.parts[shard].cached_prefix(tokens)
+
+    def fits(self, hit_pages: Sequence[int], num_tokens: int, shard: int = 0) -> bool:
+        return self.parts[shard].fits(hit_pages, num_tokens)
+
+    def start(self, seq, hit_pages: Sequence[int], digests: Sequence[bytes], shard: int = 0):
+        """Bind ``seq`` to ``shard`` and give it that shard's cached pages ``hit_pages``."""
+        if seq in self._shard_of:
+            raise ValueError(f"sequence {seq!r} already holds pages")
+        self.parts[shard].start(seq, hit_pages, digests)
+        self._shard_of[seq] = shard
+
+    def name_full_pages(self, seq: Hashable, tokens: Sequence[int], num_cached: int) -> None:
+        self._part(seq).name_full_pages(seq, tokens, num_cached)

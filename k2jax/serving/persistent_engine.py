@@ -45,7 +45,7 @@ from k2jax.serving.engine import (
 )
 from k2jax.serving.lockstep import Boundary, Channel
 from k2jax.serving.options import EngineConfig, GenerateOptions
-from k2jax.serving.page_allocator import OutOfPages, PageAllocator, pages_for
+from k2jax.serving.page_allocator import OutOfPages, pages_for
 from k2jax.serving.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -175,15 +175,17 @@ def default_num_pages(engine: Engine, slots: int) -> int:
     worth; never more than ``MAX_CONTEXTS_IN_POOL`` whole contexts per slot, never less than
     one whole context... of what is left (2 pages at least)."""
     ec, cfg = engine.engine_cfg, engine.cfg
-    whole = slots * pages_for(cfg.max_position_embeddings, ec.page_size)
+    # With a partitioned pool each device holds one shard: sized per shard, for its rows.
+    shards = engine.pool_shards
+    whole = slots // shards * pages_for(cfg.max_position_embeddings, ec.page_size)
     free = _free_device_bytes(engine)
     if free is None:
-        pages = min(whole, DEFAULT_POOL_TOKENS // ec.page_size)
+        pages = min(whole, DEFAULT_POOL_TOKENS // ec.page_size // shards)
     else:
         pages = min(
             MAX_CONTEXTS_IN_POOL * whole, int(free * POOL_MEMORY_FRACTION) // engine.page_bytes()
         )
-    return max(2, 1 + pages)
+    return shards * max(2, 1 + pages)
 
 
 # Compiled step programs, shared by engines of the same model shapes (an engine re-created for
@@ -243,14 +245,14 @@ class PersistentEngine:
         )
         self._target = target_override()
         ec = self.config
-        slots = ec.max_batch
+        slots = self._engine.slots_for(ec.max_batch)
         num_pages = ec.num_pages or default_num_pages(self._engine, slots)
         if lockstep is not None:  # each host sees its own free memory: process 0's size wins
             num_pages = lockstep.agree(num_pages)
-        alloc = PageAllocator(num_pages, ec.page_size, prefix_cache)
+        alloc = self._engine.new_allocator(num_pages, prefix_cache)
         self._scheduler = Scheduler(self._engine, slots, alloc, self._program)
         context_pages = pages_for(model.config.max_position_embeddings - 1, ec.page_size)
-        self.widths = width_ladder(min(context_pages, num_pages - 1), ec)
+        self.widths = width_ladder(min(context_pages, alloc.shard_pages - 1), ec)
         self.chunks = sorted({1, ec.prefill_chunk})
         self.compile_count = 0
         self._programs: dict[tuple[int, int], Any] = {}
@@ -343,7 +345,7 @@ class PersistentEngine:
         if not isinstance(request.sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {request.sampling!r}")
         self._engine.validate(request)
-        self._engine.check_fits(request, self._scheduler.alloc.num_pages, name)
+        self._engine.check_fits(request, self._scheduler.alloc.shard_pages, name)
 
     def submit(self, request: EngineRequest) -> RequestHandle:
         """Validate and enqueue ``request``; ``QueueFull`` when the bounded queue is full."""
@@ -596,7 +598,7 @@ class PersistentEngine:
             return EngineStats(
                 queue_length=self._queue_length(),
                 running=sched.num_running,
-                num_pages=alloc.num_pages - 1,
+                num_pages=alloc.num_usable,
                 pages_used=alloc.num_used,
                 pages_cached=alloc.num_cached,
                 prefix_hit_tokens=sched.prefix_hit_tokens,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
@@ -21,6 +22,16 @@ def place(host, sharding: jax.sharding.Sharding) -> jax.Array:
 def replicated(mesh: Mesh) -> NamedSharding:
     """A copy on every device of ``mesh``."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def row_major(sharding: NamedSharding, ndim: int) -> Format:
+    """``sharding`` with the array's layout pinned row-major (the page pool's).
+
+    XLA:TPU's default layout for a pool such as bf16[L, P, 64, W] can put the page axis
+    minor-most (W = 576 or 40 fills 128 lanes poorly); the Pallas kernels and the cache scatter
+    need it row-major, so a step with the default layout copied the whole pool in and out every
+    step (two whole-pool copies; measured in the compiled TPU program, docs/sharding.md)."""
+    return Format(Layout(tuple(range(ndim))), sharding)
 
 
 def place_replicated(tree, mesh: Mesh):
