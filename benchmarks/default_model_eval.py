@@ -4,10 +4,11 @@
     python benchmarks/default_model_eval.py --run runs/default --conversations 40   # quicker
 
 ``--run`` is a ``python -m k2jax.train --recipe default`` run directory (its export is the
-shipped model); ``--baseline`` a ``--recipe no_qat`` run (same model, data and steps, trained
-without quantization). Rows:
+shipped model); ``--baseline`` a ``--recipe no_qat`` run (same model, data, steps and
+schedule, its final phase without quantization; ``--branch-from`` the default run). Rows:
 
-- QAT, INT4 export: the shipped model, through ``k2jax.load`` (packed INT4 experts);
+- float then QAT phase, INT4 export: the shipped model, through ``k2jax.load`` (packed INT4
+  experts);
 - no QAT, float experts: the baseline's float master weights (held-out loss only: k2jax serves
   INT4 experts, so this row is the trainer's forward);
 - no QAT, INT4 round to nearest after training: the baseline's export.
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
         print(f"[eval] {name}: {scores} loss {loss:.4f}", file=sys.stderr, flush=True)
         return {"model": name, **scores, "loss": loss}, model
 
-    row, shipped = int4_row("QAT, INT4 export (shipped)", os.path.join(args.run, "export"))
+    shipped_name = "float, then QAT phase; INT4 export (shipped)"
+    row, shipped = int4_row(shipped_name, os.path.join(args.run, "export"))
     calc = evaluate.calculator_set(**CALCULATOR_SET)
     calc_scores = evaluate.score(shipped, tok, calc)
     result["calculator_set"] = {**CALCULATOR_SET, **calc_scores}
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
             lambda t: train_step.forward(params, t, cfg=float_cfg, dtype=jnp.float32)[0]
         )
         loss = evaluate.masked_loss(lambda t: forward(jnp.asarray(t)), rows_tokens, rows_mask)
-        result["rows"].append({"model": "no QAT, float experts", "loss": loss})
+        float_row = {"model": "no QAT (float final phase), float experts", "loss": loss}
+        result["rows"].append(float_row)
         row, _ = int4_row(
             "no QAT, INT4 round-to-nearest after training", os.path.join(args.baseline, "export")
         )

@@ -73,7 +73,7 @@ def model_card(run_dir: str) -> str:
         "",
         "## Training",
         "",
-        f"- recipe `{info.get('recipe')}`, {info.get('steps')} steps, QAT: {info.get('qat')}",
+        f"- recipe `{info.get('recipe')}`, {info.get('steps')} steps, " + _qat_line(info),
         f"- AdamW with warm-up and cosine decay; loss on assistant turns only; "
         f"{sum(r['tokens'] for r in records):.0f} trained (assistant) tokens",
         f"- final training loss (mean of the last {len(tail)} steps): {final_loss:.4f} nats",
@@ -91,6 +91,19 @@ def model_card(run_dir: str) -> str:
         with open(evaluation) as f:
             lines += evaluation_table(json.load(f))
     return "\n".join(lines) + "\n"
+
+
+def _qat_line(info: dict) -> str:
+    """How the experts were trained: QAT from the start, as a final phase, or not at all."""
+    if not info.get("qat"):
+        return "no QAT (float experts, rounded to INT4 at export)"
+    start = info.get("qat_from_step")
+    if not start:
+        return "QAT (experts fake-quantized to INT4) throughout"
+    return (
+        f"float experts for steps 1-{start}, then QAT (experts fake-quantized to INT4) for "
+        f"steps {start + 1}-{info.get('steps')}"
+    )
 
 
 def evaluation_table(result: dict) -> list[str]:
