@@ -33,6 +33,14 @@ So a decode step is 2 x 61 + 1 = 123 all-reduces of B/d x 14 KB each (K2, N > 1)
 plan reads back from the compiled program (``ici_bytes``, ``ici_ops``). At batch 1 that is
 ~3.5 MB sent per chip per step: latency-bound (123 x the stated 10 us = 1.2 ms), not
 bandwidth-bound. At batch 512 it is ~1.7 GB a step: ~3 ms at v5p's 600 GB/s one way.
-The latent pool is replicated on every chip (partitioning it by sequence or by position is the
-deferred data-parallel / context-parallel work, docs/sharding.md).
+Under ``decode`` the latent pool is replicated on every chip.
+
+``dp_attention`` (batch and page pool over (data, expert) = n shards, heads over tensor): each
+chip writes and attends over only its batch shard's pages (no communication for the cache);
+``out[B_n, heads_t, U] . w_o[heads_t, U, D] -> {U_t}``: AllReduce_t of B/n x D per layer; the
+MoE gathers its tokens over expert, AllGather_e of B/n x D in, and ReduceScatter_e +
+AllReduce_t of B/d x D out; the shared expert and dense MLP (over tensor) reduce over tensor.
+Measured on v5p-64 (1,16,2, batch 512): 123 all-reduces, 180 all-gathers and 60
+reduce-scatters a step, 0.88 GB sent per chip. Context-parallel decode (a sequence's pages
+striped by position) is not built yet (docs/sharding.md, "Long contexts").
 """

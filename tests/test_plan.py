@@ -206,8 +206,13 @@ def test_full_k2_plan_compiles_for_tpu(topology, mesh, ways):
     # at batch 1 the 8 choices land on at most 8 shards, so the busiest copies at least one
     # expert's INT4 payload per layer (24.8 MB) and at most 8; the mean is far below it.
     per_expert, layers = 3 * (2048 * 7168 // 2 + 2048 * 7168 // 32 * 2), 60
-    assert per_expert * layers <= r["kernel_bytes"] <= 8 * per_expert * layers * 1.1
-    assert r["kernel_bytes_mean"] < r["kernel_bytes"]
+    experts = r["kernel_bytes_experts"]
+    assert per_expert * layers <= experts <= 8 * per_expert * layers * 1.1
+    assert r["kernel_bytes_experts_mean"] < experts
+    # The paged-MLA kernel reads each layer's 8,192 cached latents (576 bf16 values) once.
+    kv_read = 61 * 8192 * 576 * 2
+    assert kv_read <= r["kernel_bytes_attention"] <= 1.05 * kv_read
+    assert r["kernel_bytes"] == experts + r["kernel_bytes_attention"]
     assert r["bytes_accessed"] == r["bytes_accessed_xla"] + r["kernel_bytes"]
     assert "seed" in r["kernel_routing"]
     for key in ("weight_bytes", "kv_cache_bytes", "temp_bytes", "total_bytes", "hbm_bytes"):
