@@ -105,19 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", action="store_true", help="report the chosen tokens' logprobs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     chat_cli.add_chat_arguments(p)
-    p.add_argument(
-        "--mesh",
-        default=None,
-        metavar="data=1,expert=8,tensor=1",
-        help="run sharded over a device mesh (sizes must multiply to the device count)",
-    )
-    p.add_argument(
-        "--strategy",
-        choices=("decode", "dp_attention"),
-        default="decode",
-        help="with --mesh: the sharding rules (dp_attention: data-parallel attention, the batch "
-        "and its KV pages split over data x expert; see docs/sharding.md)",
-    )
+    distributed.add_mesh_arguments(p)
     distributed.add_arguments(p)
     p.add_argument(
         "--no-compile-cache",

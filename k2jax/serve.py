@@ -54,19 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenizer",
     )
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
-    p.add_argument(
-        "--mesh",
-        default=None,
-        metavar="data=1,expert=8,tensor=1",
-        help="run sharded over a device mesh (sizes must multiply to the device count)",
-    )
-    p.add_argument(
-        "--strategy",
-        choices=("decode", "dp_attention"),
-        default="decode",
-        help="with --mesh: the sharding rules (dp_attention: data-parallel attention, the batch "
-        "and its KV pages split over data x expert; see docs/sharding.md)",
-    )
+    distributed.add_mesh_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")

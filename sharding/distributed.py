@@ -70,6 +70,24 @@ def initialize(
     return True
 
 
+def add_mesh_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--mesh`` and ``--strategy``, the flags of a CLI that can run sharded."""
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=1,expert=8,tensor=1",
+        help="run sharded over a device mesh (sizes must multiply to the device count)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("decode", "dp_attention"),
+        default="decode",
+        help="with --mesh: the sharding rules (dp_attention: data-parallel attention, the batch "
+        "and its KV pages split over data x expert; see docs/sharding.md)",
+    )
+    return parser
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--coordinator``, ``--num-processes`` and ``--process-id`` to a CLI's parser."""
     group = parser.add_argument_group("multi-host (same command on every host)")

@@ -54,8 +54,8 @@ def checkpoint(ref, tmp_path_factory):
     return reference.write_checkpoint(ref, tmp_path_factory.mktemp("heads8"))
 
 
-def _greedy(model, prompts):
-    runner = engine.Engine(
+def _engine(model):
+    return engine.Engine(
         model.config,
         model.params,
         model.dtype,
@@ -63,6 +63,10 @@ def _greedy(model, prompts):
         mesh=model.mesh,
         rules=model.rules,
     )
+
+
+def _greedy(model, prompts):
+    runner = _engine(model)
     greedy = SamplingParams(temperature=0.0)
     requests = [engine.Request(tuple(p), NEW, greedy, stop_token_ids=()) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
@@ -133,14 +137,7 @@ def test_data_parallel_attention_splits_the_pool_and_gives_the_one_device_tokens
     mesh = make_mesh(**axes)
     model = k2jax.load(checkpoint, dtype="float32", mesh=mesh, strategy="dp_attention")
     shards = axes.get("data", 1) * axes["expert"]
-    runner = engine.Engine(
-        model.config,
-        model.params,
-        model.dtype,
-        EngineConfig(max_batch=8, prefill_chunk=8),
-        mesh=model.mesh,
-        rules=model.rules,
-    )
+    runner = _engine(model)
     assert runner.pool_shards == shards
     pages, _ = runner.new_state(num_pages=32, slots=8)
     assert {s.data.shape[1] for s in pages.addressable_shards} == {32 // shards}
