@@ -7,8 +7,7 @@ the next token of every row. Two engines drive a ``Scheduler``: the batch ``Engi
 (a fresh pool per call, programs compiled by ``jit`` as shapes appear) and the long-lived
 ``PersistentEngine`` (``k2jax.serving.persistent_engine``: one pool, programs compiled at
 start-up for a fixed set of buckets, requests admitted and retired between steps from a
-background thread), which
-``Model.generate`` / ``generate_stream`` and the agent run on.
+background thread), which ``Model.generate`` / ``generate_stream`` and the agent run on.
 
 One step feeds every active row the tokens it has not cached yet: a row still prefilling feeds
 up to ``prefill_chunk`` of them, a decoding row feeds its last token. The step's token axis is
@@ -167,11 +166,10 @@ def _step_fn(
 
     del target  # a cache key only: the trace reads it through target_platform()
     options = dict(compiler_options) if compiler_options else None
-    # On a mesh every output has a declared placement: replicated, so each process (multi-host
-    # included) reads the sampled tokens from its own copy, once per step.
-    # The pool comes back split as it went in (over ``pool_axes``), so it is donated in place.
-    # Its layout is pinned row-major (``placement.row_major``) in and out, so the donated pool
-    # is updated in place, not copied.
+    # On a mesh every output has a declared placement: the seen table and the sampled tokens
+    # replicated, so each process (multi-host included) reads them from its own copy, once per
+    # step; the pool split as it came in (over ``pool_axes``) and pinned row-major in and out
+    # (``placement.row_major``), so the donated pool is updated in place, never copied.
     if mesh is None:
         return jax.jit(step, donate_argnums=(1, 2), compiler_options=options)
     pool = pool_sharding(mesh, pool_axes)
