@@ -413,29 +413,21 @@ def _kernel_attention_bytes(cfg, mesh, strategy, batch, context, page_size, dtyp
     """Bytes the Pallas paged-MLA kernel moves per decode step on one chip, every layer, which
     XLA's cost analysis cannot see (a Mosaic call is opaque to it). Counted, not assumed: its
     own index maps over its grid (``mla_pallas.counted_bytes``) for one call of this chip's
-    rows and heads (the shard_map's split: rows over the batch's axes, heads over the head
-    axes the rows do not use), every row at position ``context - 1`` with its own pages, plus
-    the call's float32 output. Zero off TPU (attention runs as XLA ops there)."""
+    rows and heads (the model's own split, ``attention.kernel_split``), every row at position
+    ``context - 1`` with its own pages, plus the call's float32 output. Zero off TPU (attention
+    runs as XLA ops there)."""
     import numpy as np
 
     from k2jax.kernels import mla_pallas
+    from k2jax.model.attention import kernel_split
 
     if mesh.devices.flat[0].platform != "tpu":
         return 0.0
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    table = rules.rules_for(strategy)
-    pool_axes = rules.kv_pages_axes(sizes, strategy)
-    if pool_axes:
-        row_axes = pool_axes
-    else:
-        row_axes = rules.dividing_axes(
-            tuple(a for a in table["act_batch"] if sizes.get(a, 1) > 1), batch, sizes
-        )
-    head_axes = rules.dividing_axes(
-        tuple(a for a in table["heads"] if sizes.get(a, 1) > 1 and a not in row_axes),
-        cfg.num_heads,
-        sizes,
-    )
+    # The split the model's shard_map uses, resolved as the traced step resolves it.
+    with jax.set_mesh(mesh), rules.logical_rules_context(strategy):
+        pool_axes = rules.kv_pages_axes(sizes, strategy)
+        row_axes, head_axes = kernel_split(batch, cfg.num_heads, pool_axes)
     rows = batch // math.prod(sizes[a] for a in row_axes)
     heads = cfg.num_heads // math.prod(sizes[a] for a in head_axes)
     width = -(-context // page_size)

@@ -212,10 +212,9 @@ class MLAttention(nn.Module):
         are, over the head axes the pool does not use. Returns the latent output [B, T, N, C]
         in the queries' dtype and the new pool.
         """
-        mesh = jax.sharding.get_abstract_mesh()
         q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
-        head_axes = tuple(a for a in mesh_axes("heads") if a not in pool_axes)
-        heads = _dividing(head_axes, q_lat_BTNC.shape[2], mesh) or None
+        b, _, n, _ = q_lat_BTNC.shape
+        heads = kernel_split(b, n, pool_axes)[1] or None
         on_tpu = target_platform() == "tpu"
 
         def local(q_lat_BTNC, q_pe_BTNR, latents_BTW, positions_BT, tables_BP, pages, layer):
@@ -342,6 +341,22 @@ def _pool_axes(num_pages: int, batch: int) -> tuple[str, ...]:
     return axes
 
 
+def kernel_split(
+    batch: int, heads: int, pool_axes: tuple[str, ...] = ()
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(row axes, head axes) the attention kernel's shard_map splits its queries over on the
+    context's mesh: rows over the pool's axes when the pool is split (``_pool_axes``), else as
+    the batch is (``act_batch``); heads as the head weights are (``heads``), over the axes the
+    rows do not use. Each is the longest leading run that divides. ``sharding.plan`` counts
+    the kernel's reads for this split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), ()
+    rows = pool_axes or _dividing(mesh_axes("act_batch"), batch, mesh)
+    head_axes = tuple(a for a in mesh_axes("heads") if a not in rows)
+    return rows, _dividing(head_axes, heads, mesh)
+
+
 def _partitioned(kernel, q_lat_BTNC, q_pe_BTNR, pages, layer, tables_BP, positions_BT):
     """``kernel`` on the context's mesh. XLA cannot partition a Mosaic kernel, so on a mesh it
     runs in a shard_map: heads split as the head weights are (the ``heads`` rule), rows as the
@@ -350,10 +365,9 @@ def _partitioned(kernel, q_lat_BTNC, q_pe_BTNR, pages, layer, tables_BP, positio
     args = (q_lat_BTNC, q_pe_BTNR, pages, layer, tables_BP, positions_BT)
     if mesh.empty or mesh.size == 1:
         return kernel(*args)
-    heads = _dividing(mesh_axes("heads"), q_lat_BTNC.shape[2], mesh) or None
-    rows = _dividing(mesh_axes("act_batch"), q_lat_BTNC.shape[0], mesh) or None
+    rows, heads = kernel_split(q_lat_BTNC.shape[0], q_lat_BTNC.shape[2])
     P = jax.sharding.PartitionSpec
-    q, r = P(rows, None, heads, None), P(rows)
+    q, r = P(rows or None, None, heads or None, None), P(rows or None)
     return jax.shard_map(kernel, in_specs=(q, q, P(), P(), r, r), out_specs=q, check_vma=False)(
         *args
     )

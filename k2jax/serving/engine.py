@@ -48,6 +48,7 @@ from k2jax import model as k2model
 from k2jax.kernels.platform import target_override
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
+from k2jax.model.moe import mesh_axes
 from k2jax.serving import placement, sampling
 from k2jax.serving.options import EngineConfig, GenerateOptions  # noqa: F401  (re-exported)
 from k2jax.serving.page_allocator import (
@@ -271,15 +272,15 @@ class Engine:
 
     @property
     def pool_axes(self) -> tuple[str, ...]:
-        """Mesh axes the page pool is split over (the rules' ``kv_pages``; () when replicated).
+        """Mesh axes the page pool is split over (the rules' ``kv_pages``; () when replicated),
+        resolved as the model's attention resolves them (``moe.mesh_axes``).
 
         Data-parallel attention: each shard of the batch owns its sequences' pages, so the
         slice holds ``pool_shards`` times the tokens of one device's share of memory."""
         if self.mesh is None:
             return ()
-        axes = dict(self.rules).get("kv_pages") or ()
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
+        with self._context():
+            return mesh_axes("kv_pages")
 
     @property
     def pool_shards(self) -> int:
