@@ -80,10 +80,11 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument(
         "--strategy",
-        choices=("decode", "dp_attention"),
+        choices=("decode", "dp_attention", "context_parallel"),
         default="decode",
         help="with --mesh: the sharding rules (dp_attention: data-parallel attention, the batch "
-        "and its KV pages split over data x expert; see docs/sharding.md)",
+        "and its KV pages split over data x expert; context_parallel: every sequence's KV pages "
+        "striped over all devices, for long contexts; see docs/sharding.md)",
     )
     return parser
 

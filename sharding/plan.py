@@ -274,7 +274,7 @@ def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
     # ``dp_attention`` (each shard with its own scratch page).
     pool_axes = rules.kv_pages_axes(dict(mesh.shape), strategy)
     shards = math.prod(mesh.shape[a] for a in pool_axes)
-    num_pages = search.pool_pages(batch, context, page_size, shards)
+    num_pages = search.pool_pages(batch, context, page_size, shards, rules.striped(strategy))
     pool_shape = (cfg.num_layers, num_pages, page_size, cfg.cache_width)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     pool = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, pool_axes or None))
@@ -425,12 +425,21 @@ def _kernel_attention_bytes(cfg, mesh, strategy, batch, context, page_size, dtyp
         return 0.0
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
     # The split the model's shard_map uses, resolved as the traced step resolves it.
-    with jax.set_mesh(mesh), rules.logical_rules_context(strategy):
-        pool_axes = rules.kv_pages_axes(sizes, strategy)
-        row_axes, head_axes = kernel_split(batch, cfg.num_heads, pool_axes)
-    rows = batch // math.prod(sizes[a] for a in row_axes)
-    heads = cfg.num_heads // math.prod(sizes[a] for a in head_axes)
+    pool_axes = rules.kv_pages_axes(sizes, strategy)
     width = -(-context // page_size)
+    if rules.striped(strategy):
+        # Context-parallel: each chip runs the kernel over every row and head, through its own
+        # stripe of each row's table (shard 0's, the widest), and writes an lse beside it.
+        rows, heads = batch, cfg.num_heads
+        width = -(-width // math.prod(sizes[a] for a in pool_axes))
+        out_width = cfg.kv_lora_rank + 1
+        position = width * page_size - 1  # the local position of a query that sees it all
+    else:
+        with jax.set_mesh(mesh), rules.logical_rules_context(strategy):
+            row_axes, head_axes = kernel_split(batch, cfg.num_heads, pool_axes)
+        rows = batch // math.prod(sizes[a] for a in row_axes)
+        heads = cfg.num_heads // math.prod(sizes[a] for a in head_axes)
+        out_width, position = cfg.kv_lora_rank, context - 1
     plan_ = mla_pallas.tiling(
         rows,
         1,
@@ -443,9 +452,9 @@ def _kernel_attention_bytes(cfg, mesh, strategy, batch, context, page_size, dtyp
         cache_dtype=dtype,
     )
     tables = 1 + np.arange(rows * width, dtype=np.int32).reshape(rows, width)
-    positions = np.full((rows, 1), context - 1, np.int32)
+    positions = np.full((rows, 1), position, np.int32)
     read = mla_pallas.counted_bytes(plan_, tables, positions, page_size)["total"]
-    written = rows * heads * cfg.kv_lora_rank * 4  # the float32 latent output
+    written = rows * heads * out_width * 4  # the float32 latent output (and lse)
     return float((read + written) * cfg.num_layers)
 
 

@@ -34,7 +34,8 @@ devices); a dense weight whose dimension a rule's axes do not divide takes the l
 subset of them that does (4 heads over expert=8: replicated), which keeps tiny test models and
 odd meshes running; ``param_bytes_per_device`` reports what each chip really holds.
 
-The strategies differ in the batch axis of activations (and ``dp_attention`` in the pool):
+The strategies differ in the batch axis of activations (and ``dp_attention`` and
+``context_parallel`` in the pool):
 
 - ``decode``: ``act_batch -> (data,)``.
 - ``prefill``: ``act_batch -> (data, expert)``. Compute-bound: the batch is also split over
@@ -45,6 +46,10 @@ The strategies differ in the batch axis of activations (and ``dp_attention`` in 
   page axis) -> ``(data, expert)``; heads, MLPs and vocab -> ``(tensor,)``; routed experts as
   above. Each batch shard owns its sequences' pages on its own chips (the engine's
   ``PartitionedAllocator``), so the pool per chip is 1/(data x expert) of the slice's.
+- ``context_parallel`` (long sequences): ``kv_stripes`` -> every axis, ``act_batch`` -> ();
+  weights as ``decode``. Logical page j of every sequence is in pool shard j mod N (the
+  engine's ``StripedAllocator``): each chip holds and reads 1/N of every sequence, and the
+  shards' partial attentions are merged by their log-sum-exp (``k2jax.model.context_parallel``).
 
 Where each collective happens and its size: ``sharding``'s package docstring.
 """
@@ -105,10 +110,22 @@ _DATA_PARALLEL_ATTENTION = {
     "kv_pages": ("data", "expert"),
 }
 
+# Context-parallel decode: every sequence's pages striped over all the mesh's axes (the
+# engine's StripedAllocator), so one long sequence's cache and its attention reads are 1/N per
+# chip; weights as ``decode`` places them; the batch whole on every chip (each shard attends
+# every row over its own pages, and the shards' partial softmaxes are merged by log-sum-exp).
+_CONTEXT_PARALLEL = {
+    **_PARAMS,
+    "act_batch": (),
+    "kv_pages": (),
+    "kv_stripes": ("data", "expert", "tensor"),
+}
+
 STRATEGIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "decode": {**_PARAMS, "act_batch": ("data",), "kv_pages": ()},
-    "prefill": {**_PARAMS, "act_batch": ("data", "expert"), "kv_pages": ()},
-    "dp_attention": _DATA_PARALLEL_ATTENTION,
+    "decode": {**_PARAMS, "act_batch": ("data",), "kv_pages": (), "kv_stripes": ()},
+    "prefill": {**_PARAMS, "act_batch": ("data", "expert"), "kv_pages": (), "kv_stripes": ()},
+    "dp_attention": {**_DATA_PARALLEL_ATTENTION, "kv_stripes": ()},
+    "context_parallel": _CONTEXT_PARALLEL,
 }
 
 
@@ -124,9 +141,17 @@ def rules_for(strategy: str) -> dict[str, tuple[str, ...]]:
 
 
 def kv_pages_axes(mesh_shape: Mapping[str, int], strategy: str) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) ``strategy`` splits the page pool's pages over; () when the
-    pool is whole on every chip."""
-    return tuple(a for a in rules_for(strategy).get("kv_pages", ()) if mesh_shape.get(a, 1) > 1)
+    """The mesh axes (of size > 1) ``strategy`` splits the page pool's pages over, by rows
+    (``kv_pages``) or by stripes of every sequence (``kv_stripes``); () when the pool is whole
+    on every chip."""
+    table = rules_for(strategy)
+    axes = table.get("kv_pages", ()) or table.get("kv_stripes", ())
+    return tuple(a for a in axes if mesh_shape.get(a, 1) > 1)
+
+
+def striped(strategy: str) -> bool:
+    """Whether ``strategy`` stripes every sequence over the pool's shards (context-parallel)."""
+    return bool(rules_for(strategy).get("kv_stripes"))
 
 
 def flax_rules(strategy: str) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

@@ -8,13 +8,16 @@ step, uses only arithmetic (no compile, milliseconds a candidate):
 
 - weights: ``rules.param_bytes_per_device`` (what the rules put on a chip);
 - KV: the latent pool, whole on every chip, or its shard under ``dp_attention`` (each batch
-  shard's sequences only; see docs/sharding.md, "Data-parallel attention");
+  shard's sequences only; see docs/sharding.md, "Data-parallel attention") and
+  ``context_parallel`` (1/N of every sequence: "Context-parallel decode");
 - reads: the dense weights a chip holds + the routed experts its tokens choose (the expected
-  distinct experts on one shard, uniform routing) + the cache of its sequences;
+  distinct experts on one shard, uniform routing) + the cache of its sequences (its stripes
+  of every sequence under ``context_parallel``);
 - FLOPs: 2 x tokens x the dense weights a chip holds + attention over the context for its heads
   + the chosen experts;
 - collectives: two all-reduces per layer (attention output; MoE combine, into which XLA
-  merges the shared expert's) and one for the embedding, each at the chip's stated latency.
+  merges the shared expert's) and one for the embedding, each at the chip's stated latency;
+  two more per layer under ``context_parallel`` (the merge's all-max and all-reduce).
 
 A candidate fits when weights + KV leave 5% of HBM for the compiler's temporaries. The plan
 compiles the best fitting one, and the next when the compiler says it does not fit; the
@@ -38,8 +41,8 @@ HEADROOM = 0.95
 # left out: with the heads split over ``expert`` and the latent pool replicated, XLA:TPU
 # regathers per layer; measured on v5p-64 at batch 64, context 8192, it read 18.9 TB and sent
 # 67 GB over ICI a step (6.97 s). Splitting the batch for attention needs the partitioned
-# pool: ``dp_attention``, searched.
-DECODE_STRATEGIES = ("decode", "dp_attention")
+# pool: ``dp_attention``, searched; so is ``context_parallel`` (a striped pool).
+DECODE_STRATEGIES = ("decode", "dp_attention", "context_parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +75,29 @@ def factorizations(n: int) -> list[dict[str, int]]:
     return out
 
 
-def pool_pages(batch: int, context: int, page_size: int, shards: int = 1) -> int:
+def pool_pages(
+    batch: int, context: int, page_size: int, shards: int = 1, striped: bool = False
+) -> int:
     """Pages of a pool for ``batch`` sequences of ``context`` positions in ``shards`` equal
-    shards, each with its own scratch page (``batch`` divisible by ``shards``)."""
-    return shards * (batch // shards * -(-context // page_size) + 1)
+    shards, each with its own scratch page: a shard holds the sequences of its batch rows
+    (``batch`` divisible by ``shards``), or, ``striped``, every sequence's 1/shards."""
+    pages = -(-context // page_size)
+    if striped:
+        return shards * (batch * -(-pages // shards) + 1)
+    return shards * (batch // shards * pages + 1)
 
 
 def pool_bytes(
-    cfg: Config, batch: int, context: int, page_size: int, itemsize: int, shards: int = 1
+    cfg: Config,
+    batch: int,
+    context: int,
+    page_size: int,
+    itemsize: int,
+    shards: int = 1,
+    striped: bool = False,
 ) -> int:
     """Bytes of one chip's share of that pool (one shard)."""
-    pages = pool_pages(batch, context, page_size, shards) // shards
+    pages = pool_pages(batch, context, page_size, shards, striped) // shards
     return cfg.num_layers * pages * page_size * cfg.cache_width * itemsize
 
 
@@ -120,27 +135,32 @@ def estimate(
     experts_total = sum(tot for p, (tot, _) in split.items() if "/experts/" in p)
     dense_per_chip = sum(per for p, (_, per) in split.items() if "/experts/" not in p)
     pool_ways = math.prod(sizes[a] for a in rules.kv_pages_axes(sizes, strategy))
-    if batch % pool_ways:
+    striped = rules.striped(strategy)
+    if batch % pool_ways and not striped:
         return None
-    kv = pool_bytes(cfg, batch, context, page_size, itemsize, pool_ways)
+    kv = pool_bytes(cfg, batch, context, page_size, itemsize, pool_ways, striped)
     tokens = batch // d  # the tokens the MoE of one chip sees (gathered over expert if split)
     attn_tokens = batch // ways
+    # The positions of each sequence a chip attends over: all, or its stripes.
+    attn_context = -(-context // pool_ways) if striped else context
     layers, moe_layers = cfg.num_layers, cfg.num_moe_layers
     num_e = cfg.n_routed_experts
     local = num_e // (e * t)
     per_expert = experts_total / max(moe_layers * num_e, 1)
     pairs = tokens * cfg.num_experts_per_tok
     distinct = local * (1 - (1 - 1 / num_e) ** pairs)
-    kv_read = attn_tokens * context * layers * cfg.cache_width * itemsize
+    kv_read = attn_tokens * attn_context * layers * cfg.cache_width * itemsize
     read = dense_per_chip + moe_layers * distinct * per_expert + kv_read
     head_axes = rules.dividing_axes(
         tuple(a for a in rules.rules_for(strategy)["heads"] if a in sizes), cfg.num_heads, sizes
     )
     heads = cfg.num_heads // math.prod(sizes[a] for a in head_axes)
+    if striped:
+        heads = cfg.num_heads  # every chip attends all heads over its own pages
     width = cfg.kv_lora_rank * 2 + cfg.qk_rope_head_dim
     flops = (
         2 * tokens * dense_per_chip / itemsize
-        + 2 * attn_tokens * heads * context * width * layers
+        + 2 * attn_tokens * heads * attn_context * width * layers
         + 2 * 3 * pairs / (e * t) * cfg.hidden_size * cfg.moe_intermediate_size * moe_layers
     )
     # Attention output and the MoE combine (XLA merges the shared expert's reduction into it).
@@ -148,6 +168,8 @@ def estimate(
     if strategy == "prefill" and e > 1:
         # The batch holds ``expert``: the head-split attention weights are gathered per layer.
         collectives += 2 * layers
+    if striped and pool_ways > 1:
+        collectives += 2 * layers  # the shards' partials merged: an all-max and an all-reduce
     step = (
         max(read / chip.hbm_bandwidth, flops / chip.peak_flops)
         + collectives * chip.collective_latency_s

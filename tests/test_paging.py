@@ -15,16 +15,20 @@ from k2jax.serving.page_allocator import (
     OutOfPages,
     PageAllocator,
     PartitionedAllocator,
+    StripedAllocator,
     pages_for,
 )
 
 
-def test_allocator_never_hands_out_scratch_or_a_live_page():
-    alloc = PageAllocator(num_pages=9, page_size=4)
-    rng = np.random.default_rng(0)
+def _random_growth(alloc, rng, steps: int, seqs: int, scratch: set[int], check=None):
+    """Grow and free ``seqs`` sequences at random for ``steps`` steps, checking after each
+    growth that no page is scratch or owned twice and that pages are conserved; an
+    allocation that fails changes nothing. ``check(table)`` checks each new table too.
+    Returns the sequences still holding pages."""
+    usable = alloc.num_pages - len(scratch)
     lengths: dict[int, int] = {}
-    for _ in range(400):
-        seq = int(rng.integers(6))
+    for _ in range(steps):
+        seq = int(rng.integers(seqs))
         if rng.random() < 0.25:
             alloc.free(seq)
             lengths.pop(seq, None)
@@ -37,11 +41,19 @@ def test_allocator_never_hands_out_scratch_or_a_live_page():
             assert alloc.num_free == free_before  # all or nothing
             continue
         lengths[seq] = want
-        assert len(table) == pages_for(want, 4)
+        assert len(table) == pages_for(want, alloc.page_size)
+        if check is not None:
+            check(table)
         owned = [p for s in lengths for p in alloc.pages(s)]
-        assert 0 not in owned
+        assert not scratch & set(owned)
         assert len(owned) == len(set(owned)), "a page is owned twice"
-        assert len(owned) + alloc.num_free == 8
+        assert len(owned) + alloc.num_free == usable
+    return list(lengths)
+
+
+def test_allocator_never_hands_out_scratch_or_a_live_page():
+    alloc = PageAllocator(num_pages=9, page_size=4)
+    _random_growth(alloc, np.random.default_rng(0), 400, 6, {0})
 
 
 def test_allocator_errors_and_tables():
@@ -81,6 +93,51 @@ def test_a_partitioned_pool_keeps_each_sequence_in_its_rows_shard():
     assert alloc.all_free_or_cached() and alloc.num_usable == 28
     with pytest.raises(ValueError, match="multiple of 3"):
         PartitionedAllocator(32, page_size=4, shards=3)
+
+
+def test_a_striped_pool_puts_page_j_of_every_sequence_in_shard_j_mod_n():
+    """Context-parallel: 3 shards of 4 pages (ids 0-3, 4-7, 8-11; 0, 4, 8 scratch). Entry j of
+    every table is in shard j mod 3 under random growth and frees; running out in one shard
+    refuses (all or nothing) although others have room; a sequence may hold every shard's
+    usable pages."""
+    alloc = StripedAllocator(12, page_size=2, shards=3)
+
+    def striped(table):
+        assert [p // 4 for p in table] == [j % 3 for j in range(len(table))]
+
+    held = _random_growth(alloc, np.random.default_rng(1), 300, 4, {0, 4, 8}, striped)
+    for seq in held:
+        alloc.free(seq)
+    assert alloc.all_free_or_cached() and alloc.pages_per_sequence == 9
+    alloc = StripedAllocator(12, page_size=2, shards=3)
+    assert alloc.ensure("a", 8) == [1, 5, 9, 2]  # 4 pages: shards 0, 1, 2, 0
+    alloc.ensure("b", 4)  # shards 0 and 1: shard 0 is full now
+    with pytest.raises(OutOfPages):
+        alloc.ensure("c", 2)  # its first page must come from shard 0; 3 pages are free
+    assert alloc.pages("c") == [] and alloc.num_free == 3
+    with pytest.raises(ValueError, match="multiple of 5"):
+        StripedAllocator(12, page_size=2, shards=5)
+
+
+def test_a_striped_pool_shares_prefix_pages_and_evicts_in_the_shard_that_needs_one():
+    """With the prefix cache a second prompt starts with the first one's cached pages (same
+    entries, so the same shards); when a shard runs out, an idle cached page of *that* shard
+    is evicted, not the least recently used one of another shard."""
+    alloc = StripedAllocator(8, page_size=2, prefix_cache=True, shards=2)  # 3 usable each
+    tokens = list(range(12))  # 6 full pages, entries in shards 0, 1, 0, 1, 0, 1: all full
+    alloc.start("a", [], [])
+    table = alloc.ensure("a", 12)
+    alloc.name_full_pages("a", tokens, 12)
+    hits, digests = alloc.cached_prefix(tokens)
+    assert hits == table[:5]  # a prompt keeps its last token to compute
+    alloc.free("a")  # idle, least recently used first: table[5] (shard 1), table[4], ...
+    assert alloc.num_free == 0 and alloc.num_cached == 6 and alloc.fits(hits, 12)
+    alloc.start("b", [], [])
+    # Entry 0 needs shard 0: its least recently used idle page, table[4], not table[5].
+    assert alloc.ensure("b", 2) == [table[4]]
+    assert alloc.cache.is_idle(table[5])
+    alloc.start("c", hits[:2], digests)  # shares table[0] and table[1]
+    assert alloc.ensure("c", 6) == [table[0], table[1], table[2]]
 
 
 def test_cache_write_read_roundtrip_and_padding_goes_to_scratch():

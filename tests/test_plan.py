@@ -236,6 +236,23 @@ def test_full_k2_plan_compiles_for_tpu(topology, mesh, ways):
 
 
 @pytest.mark.slow
+def test_k2_at_256k_is_planned_context_parallel_with_1_over_32_of_the_cache_a_chip():
+    """v5p-64, batch 1, 262,144 positions, no mesh given: the search picks the striped pool
+    (``context_parallel``) and the compiled program holds and reads 1/32 of the sequence's
+    cache a chip (the kernel's copies counted over its grid), merged by two collectives a
+    layer more than decode."""
+    assert _have_libtpu(), "libtpu is part of the test extra; the TPU compiler must be used"
+    r = _run_plan("--topology", "v5p-64", "--batch", "1", "--context", "262144")
+    assert r["strategy"] == "context_parallel" and r["kv_pool_shards"] == 32, r["chosen"]
+    pages = 262_144 // 64 // 32 + 1  # a chip's stripe of the sequence and its scratch page
+    assert r["kv_cache_bytes"] == 61 * pages * 64 * 576 * 2 <= 1.0 * GB
+    whole = 61 * 262_144 * 576 * 2  # the sequence's cache, 18.4 GB
+    assert whole / 32 <= r["kernel_bytes_attention"] <= 1.05 * whole / 32
+    assert r["ici_ops"]["all-reduce"] == 4 * 61 + 1 and r["ici_ops"]["all-gather"] == 61
+    assert r["fits"] and r["kv_capacity_tokens"] > 20_000_000
+
+
+@pytest.mark.slow
 def test_v6e_16_does_not_fit():
     """16 v6e chips hold 512 GB: less than the 594 GB of weights alone."""
     r = _run_plan("--topology", "v6e-16", "--mesh", "expert=4,tensor=4")

@@ -4,8 +4,8 @@ The decode rules split MLA's per-head projections (q_b, kv_b, o), the dense MLP,
 expert and embed/lm_head over expert x tensor, like the routed experts. Loaded onto 8 fake
 devices under ``target("tpu")`` (int4 experts, the Pallas kernels in interpret mode, stacked
 layers), each chip holds an eighth of each of them, and greedy generation through the engine
-(``Engine.run``, the batch form: paged cache, chunked prefill, decode steps) gives the
-one-device tokens, which equal transformers' ``generate``.
+(``Engine.run``, the batch form: paged cache, chunked prefill, decode steps) gives
+transformers' greedy tokens, which one device gives too (tests/test_tpu_target.py).
 """
 
 from __future__ import annotations
@@ -54,19 +54,19 @@ def checkpoint(ref, tmp_path_factory):
     return reference.write_checkpoint(ref, tmp_path_factory.mktemp("heads8"))
 
 
-def _engine(model):
+def _engine(model, page_size=16):
     return engine.Engine(
         model.config,
         model.params,
         model.dtype,
-        EngineConfig(max_batch=8, prefill_chunk=8),
+        EngineConfig(max_batch=8, prefill_chunk=8, page_size=page_size),
         mesh=model.mesh,
         rules=model.rules,
     )
 
 
-def _greedy(model, prompts):
-    runner = _engine(model)
+def _greedy(model, prompts, page_size=16):
+    runner = _engine(model, page_size)
     greedy = SamplingParams(temperature=0.0)
     requests = [engine.Request(tuple(p), NEW, greedy, stop_token_ids=()) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]
@@ -77,13 +77,14 @@ def _greedy(model, prompts):
 
 
 @pytest.fixture(scope="module")
-def one_device(ref, checkpoint):
-    with target("tpu"):
-        model = k2jax.load(checkpoint, dtype="float32")
-        batch8, batch1 = _greedy(model, PROMPTS), _greedy(model, [PROMPTS[2]])
-    # The one-device TPU path is itself the reference's (so the comparison below is anchored).
-    assert batch8 == reference.greedy_batch(ref, PROMPTS, NEW)[0]
-    return batch8, batch1
+def one_device(ref):
+    """transformers' greedy tokens for the 8 prompts and for prompt 2 alone: what one device
+    gives on the TPU target too (tests/test_tpu_target.py's one-device engine tests), so a
+    layout that gives them gives the one-device tokens."""
+    return (
+        reference.greedy_batch(ref, PROMPTS, NEW)[0],
+        reference.greedy_batch(ref, [PROMPTS[2]], NEW)[0],
+    )
 
 
 def _leaf(params, path):
@@ -144,3 +145,22 @@ def test_data_parallel_attention_splits_the_pool_and_gives_the_one_device_tokens
     batch8, batch1 = one_device
     assert _greedy(model, PROMPTS) == batch8
     assert _greedy(model, [PROMPTS[2]]) == batch1
+
+
+def test_context_parallel_decode_stripes_every_sequence_and_gives_the_one_device_tokens(
+    checkpoint, one_device
+):
+    """``context_parallel``: every sequence's pages striped over all 8 devices (data=2,
+    expert=2, tensor=2; the engine's ``StripedAllocator``), each device writing and attending
+    over its own pages through the Pallas kernel's log-sum-exp form, the partials merged
+    across devices. Pages of 4 tokens, so the longest sequence (18 + 12 tokens, 8 pages)
+    spans every device and each holds 1 of its pages. Same greedy tokens as one device."""
+    mesh = make_mesh(data=2, expert=2, tensor=2)
+    model = k2jax.load(checkpoint, dtype="float32", mesh=mesh, strategy="context_parallel")
+    runner = _engine(model, page_size=4)
+    assert runner.striped and runner.pool_shards == 8 and runner.slots_for(1) == 1
+    pages, _ = runner.new_state(num_pages=64, slots=8)
+    assert {s.data.shape[1] for s in pages.addressable_shards} == {8}
+    batch8, batch1 = one_device
+    assert _greedy(model, PROMPTS, page_size=4) == batch8
+    assert _greedy(model, [PROMPTS[2]], page_size=4) == batch1

@@ -114,13 +114,14 @@ def test_invalid_sampling_flags_are_refused(args, message, capsys):
     [
         ("data=1,expert=4,tensor=2", "decode"),
         ("data=2,expert=4,tensor=1", "decode"),
-        ("data=2,expert=2,tensor=2", "dp_attention"),
+        ("data=2,expert=2,tensor=2", "context_parallel"),
     ],
 )
 def test_mesh_flag_runs_sharded_with_the_same_tokens(tmp_path, mesh, strategy):
     """``--mesh`` places the model by the decode rules over 8 fake devices, data-parallel too:
     the engine's inputs and sampled tokens are replicated on the mesh; same greedy ids. With
-    ``--strategy dp_attention`` the page pool is split over data x expert as well."""
+    ``--strategy context_parallel`` the page pool is striped over all 8 devices as well (the
+    same flag gives ``dp_attention``, tested in test_roofline_layout.py)."""
     args = ["--max-new-tokens", "6", "--temperature", "0", "--json", "--stop-ids", ""]
     plain = json.loads(run_cli(args, tmp_path).stdout)
     sharded_proc = run_cli([*args, "--mesh", mesh, "--strategy", strategy], tmp_path, devices=8)

@@ -122,10 +122,11 @@ def test_engine_greedy_matches_reference_batch_8_one_device(ref, hf_batch8, tmp_
     assert _greedy(_load(ref, tmp_path), PROMPTS) == hf_batch8
 
 
-@pytest.mark.parametrize("sizes", [{"expert": 8}, {"data": 2, "expert": 4}])
-def test_engine_greedy_matches_reference_expert_parallel_8_devices(ref, hf_batch8, tmp_path, sizes):
-    """16 experts over 8 devices, 2 each (or over 4 with data=2): at decode most shards
-    receive no token. No device holds a whole expert stack."""
+def test_engine_greedy_matches_reference_expert_parallel_data_parallel(ref, hf_batch8, tmp_path):
+    """16 experts over 4 devices, 4 each, with data=2: at decode most shards receive no
+    token; no device holds a whole expert stack. (Experts 8 ways, 2 each, with every dense
+    weight split too: tests/test_roofline_layout.py.)"""
+    sizes = {"data": 2, "expert": 4}
     mesh = make_mesh(**sizes)
     model = _load(ref, tmp_path, mesh=mesh)
     values = model.params["moe_layers"]["moe"]["experts"]["gate_values"]

@@ -242,10 +242,13 @@ def _kernel(
     scale: float,
     q_blocks: int,
     tokens: int,
+    return_lse: bool,
 ):
     """One (row b, query block qi, key step j) step: pps pages into the running softmax."""
     del tbl_ref, ly_ref
-    page_refs, (o_ref, m_ref, sum_ref, acc_ref) = refs[:pps], refs[pps:]
+    page_refs, outs = refs[:pps], refs[pps:]
+    (o_ref, lse_ref), outs = (outs[:2], outs[2:]) if return_lse else ((outs[0], None), outs[1:])
+    m_ref, sum_ref, acc_ref = outs
     b, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = live_ref[b * q_blocks + qi]
     rows = tq * heads
@@ -293,6 +296,9 @@ def _kernel(
         denom = sum_ref[...]
         # A row that saw no key (padding) has a zero sum: zeros, not 0 / 0.
         o_ref[...] = jnp.where(denom > 0, acc_ref[...] / jnp.where(denom > 0, denom, 1.0), 0.0)
+        if lse_ref is not None:
+            safe = jnp.where(denom > 0, denom, 1.0)
+            lse_ref[...] = jnp.where(denom > 0, m_ref[...] + jnp.log(safe), NEG_INF)
 
 
 def paged_mla_attention(
@@ -308,15 +314,18 @@ def paged_mla_attention(
     pps: int | None = None,
     interpret=None,
     vmem_limit_bytes: int = VMEM_LIMIT_BYTES,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Absorbed MLA attention of the queries over their rows' pages; see the module doc.
 
     q_lat_BTNC: the queries folded into the latent space (q_nope . W_UK), q_pe_BTNR: the rotated
     rope queries, both in the compute dtype (bf16, or f32 for parity runs); pages_LPKW: the
     whole pool (bf16, f32 or fp8), read in place at ``layer``; block_tables_BP: int32 page ids
     (unused entries: the scratch page 0); positions_BT: int32, negative for padding. Returns
-    float32 [B, T, N, C]; padding queries get zeros. ``interpret=None`` compiles the kernel when
-    the trace is for TPU hardware and otherwise runs Pallas' TPU interpreter with
+    float32 [B, T, N, C]; padding queries get zeros. With ``return_lse`` also the log-sum-exp of
+    each query's scaled scores, float32 [B, T, N] (``NEG_INF`` for a query that sees no key):
+    what context-parallel decode merges shards' outputs by. ``interpret=None`` compiles the
+    kernel when the trace is for TPU hardware and otherwise runs Pallas' TPU interpreter with
     ``platform.interpret_params`` (out-of-bounds reads raise).
     """
     b, t, n, c = q_lat_BTNC.shape
@@ -346,10 +355,14 @@ def paged_mla_attention(
         pps=pps,
         interpret=interpret,
         vmem_limit_bytes=vmem_limit_bytes,
+        return_lse=return_lse,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "tq", "pps", "interpret", "vmem_limit_bytes"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "tq", "pps", "interpret", "vmem_limit_bytes", "return_lse"),
+)
 def _paged_mla_attention(
     q_lat_BTNC,
     q_pe_BTNR,
@@ -363,6 +376,7 @@ def _paged_mla_attention(
     pps,
     interpret,
     vmem_limit_bytes,
+    return_lse,
 ):
     b, t, n, c = q_lat_BTNC.shape
     r = q_pe_BTNR.shape[-1]
@@ -398,22 +412,28 @@ def _paged_mla_attention(
         scale=scale,
         q_blocks=plan.grid[1],
         tokens=t_pad,
+        return_lse=return_lse,
     )
+    out_specs = [pl.BlockSpec((None, rows, c), plan.in_specs[0][1])]
+    out_shape = [jax.ShapeDtypeStruct((b, t_pad * n, c), jnp.float32)]
+    if return_lse:
+        out_specs.append(pl.BlockSpec((None, rows, 1), plan.in_specs[0][1]))
+        out_shape.append(jax.ShapeDtypeStruct((b, t_pad * n, 1), jnp.float32))
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=plan.grid,
         in_specs=[pl.BlockSpec(block, index_map) for block, index_map in plan.in_specs],
-        out_specs=pl.BlockSpec((None, rows, c), plan.in_specs[0][1]),
+        out_specs=out_specs,
         scratch_shapes=[
             pltpu.VMEM((rows, 1), jnp.float32),
             pltpu.VMEM((rows, 1), jnp.float32),
             pltpu.VMEM((rows, c), jnp.float32),
         ],
     )
-    out = pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((b, t_pad * n, c), jnp.float32),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary"),
             vmem_limit_bytes=vmem_limit_bytes,
@@ -428,4 +448,7 @@ def _paged_mla_attention(
         q_pe,
         *([pages_LPKW] * plan.pps),
     )
-    return out.reshape(b, t_pad, n, c)[:, :t]
+    out = outs[0].reshape(b, t_pad, n, c)[:, :t]
+    if not return_lse:
+        return out
+    return out, outs[1].reshape(b, t_pad, n)[:, :t]

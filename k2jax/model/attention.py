@@ -10,6 +10,9 @@
   without the kernel library, through XLA:CPU in jnp. On the TPU target it runs through the
   Pallas kernel (k2jax.kernels.mla_pallas: pages read in place through the block tables, online
   softmax in VMEM); ``absorbed`` (jnp over gathered pages) stays as its reference.
+- On a mesh whose pool is split, each device writes and attends over its own pool shard in a
+  shard_map: by rows (``dp_attention``: ``_attend_pool_shards``) or by stripes of every
+  sequence (``context_parallel``: ``_attend_striped``, merged by log-sum-exp).
 
 Both write the same normalized latent and rotated rope key, so a cache filled by either serves
 the other.
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 
 from k2jax.kernels import attention_cpu, cpu_library, mla_pallas
 from k2jax.kernels.platform import target_platform
-from k2jax.model import kv_cache
+from k2jax.model import context_parallel, kv_cache
 from k2jax.model.config import Config
 from k2jax.model.layers import RMSNorm, fan_in_init, param
 from k2jax.model.moe import mesh_axes
@@ -110,10 +113,11 @@ class MLAttention(nn.Module):
             with jax.named_scope("mla_naive"):
                 out_BTNU = self._naive(q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT)
             return jnp.einsum("BTNU,NUD->BTD", out_BTNU, self.w_o), None
-        pool_axes = _pool_axes(cache.pages.shape[1], x_BTD.shape[0])
+        pool_axes, striped = _pool_split(cache.pages.shape[1], x_BTD.shape[0])
         if pool_axes:
-            with jax.named_scope("mla_partitioned_pool"):
-                out_lat_BTNC, pages = self._attend_pool_shards(
+            with jax.named_scope("mla_context_parallel" if striped else "mla_partitioned_pool"):
+                attend = self._attend_striped if striped else self._attend_pool_shards
+                out_lat_BTNC, pages = attend(
                     q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT, cache, layer, pool_axes
                 )
             out_BTNU = jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
@@ -253,6 +257,33 @@ class MLAttention(nn.Module):
             jnp.asarray(layer, jnp.int32),
         )
 
+    def _attend_striped(
+        self, q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT, cache, layer, stripe_axes
+    ):
+        """Write and attend with every sequence striped over ``stripe_axes`` (context-parallel
+        decode, ``k2jax.model.context_parallel``): each device holds and reads its own 1/N of
+        every row's pages, through the Pallas kernel's log-sum-exp form on the TPU target.
+        Returns the latent output [B, T, N, C] in the queries' dtype and the new pool."""
+        q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        attend_shard = None
+        if target_platform() == "tpu":
+            attend_shard = functools.partial(
+                mla_pallas.paged_mla_attention, scale=self.cfg.softmax_scale, return_lse=True
+            )
+        out_lat_BTNC, pages = context_parallel.write_and_attend(
+            q_lat_BTNC,
+            q_pe_BTNR,
+            latents_BTW,
+            positions_BT,
+            cache.block_tables,
+            cache.pages,
+            layer,
+            axes=stripe_axes,
+            scale=self.cfg.softmax_scale,
+            attend_shard=attend_shard,
+        )
+        return out_lat_BTNC.astype(q_lat_BTNC.dtype), pages
+
     def absorbed(self, q_nope_BTNH, q_pe_BTNR, cached_BPKW, positions_BT):
         """Attention over cached pages [B, P, K, W] in sequence order (position p * K + k)."""
         # Folding W_UK into the query turns 128-wide per-head keys into one shared 512-wide key.
@@ -325,27 +356,30 @@ def _dividing(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...]:
     return kept
 
 
-def _pool_axes(num_pages: int, batch: int) -> tuple[str, ...]:
-    """The mesh axes the page pool is split over (the rules' ``kv_pages``), checked to divide
-    the pool and the batch; () for a replicated pool or no mesh."""
-    axes = mesh_axes("kv_pages")
+def _pool_split(num_pages: int, batch: int) -> tuple[tuple[str, ...], bool]:
+    """(the mesh axes the page pool is split over, whether it is striped): the rules'
+    ``kv_stripes`` (every sequence over every shard; the axes must divide the pool) or else
+    ``kv_pages`` (each batch block its own shard; they must divide the pool and the batch).
+    ((), False) for a whole pool or no mesh."""
+    stripes = mesh_axes("kv_stripes")
+    axes = stripes or mesh_axes("kv_pages")
     if not axes:
-        return ()
+        return (), False
     mesh = jax.sharding.get_abstract_mesh()
     ways = math.prod(mesh.shape[a] for a in axes)
-    if num_pages % ways or batch % ways:
+    if num_pages % ways or (not stripes and batch % ways):
+        what = f"its {num_pages} pages" + ("" if stripes else f" and the batch of {batch} rows")
         raise ValueError(
-            f"the page pool is split over mesh axes {axes} ({ways} ways), which must divide its "
-            f"{num_pages} pages and the batch of {batch} rows"
+            f"the page pool is split over mesh axes {axes} ({ways} ways), which must divide " + what
         )
-    return axes
+    return axes, bool(stripes)
 
 
 def kernel_split(
     batch: int, heads: int, pool_axes: tuple[str, ...] = ()
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(row axes, head axes) the attention kernel's shard_map splits its queries over on the
-    context's mesh: rows over the pool's axes when the pool is split (``_pool_axes``), else as
+    context's mesh: rows over the pool's axes when the pool is split (``_pool_split``), else as
     the batch is (``act_batch``); heads as the head weights are (``heads``), over the axes the
     rows do not use. Each is the longest leading run that divides. ``sharding.plan`` counts
     the kernel's reads for this split."""

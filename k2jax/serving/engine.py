@@ -1,7 +1,8 @@
 """The continuous-batching decode engine: its step program and the scheduling both engines share.
 
 Host side, a ``Scheduler`` keeps a fixed number of batch slots, a queue of waiting sequences, a
-``PartitionedAllocator`` (one ``PageAllocator`` per pool shard) and each sequence's progress;
+``PartitionedAllocator`` (one ``PageAllocator`` per pool shard) or a ``StripedAllocator``
+(context-parallel: every sequence over every shard) and each sequence's progress;
 device side, one jitted step function runs the model over the paged latent cache and samples
 the next token of every row. Two engines drive a ``Scheduler``: the batch ``Engine.run`` here
 (a fresh pool per call, programs compiled by ``jit`` as shapes appear) and the long-lived
@@ -53,8 +54,10 @@ from k2jax.serving import placement, sampling
 from k2jax.serving.options import EngineConfig, GenerateOptions  # noqa: F401  (re-exported)
 from k2jax.serving.page_allocator import (
     OutOfPages,
+    PageAllocator,
     PartitionedAllocator,
     RequestTooLarge,
+    StripedAllocator,
     pages_for,
 )
 from k2jax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams
@@ -272,31 +275,52 @@ class Engine:
 
     @property
     def pool_axes(self) -> tuple[str, ...]:
-        """Mesh axes the page pool is split over (the rules' ``kv_pages``; () when replicated),
-        resolved as the model's attention resolves them (``moe.mesh_axes``).
+        """Mesh axes the page pool is split over (the rules' ``kv_pages`` or ``kv_stripes``;
+        () when replicated), resolved as the model's attention resolves them
+        (``moe.mesh_axes``).
 
-        Data-parallel attention: each shard of the batch owns its sequences' pages, so the
-        slice holds ``pool_shards`` times the tokens of one device's share of memory."""
+        Data-parallel attention (``kv_pages``): each shard of the batch owns its sequences'
+        pages; context-parallel decode (``kv_stripes``): every sequence's pages striped over
+        every shard. Either way the slice holds ``pool_shards`` times the tokens of one
+        device's share of memory."""
         if self.mesh is None:
             return ()
         with self._context():
-            return mesh_axes("kv_pages")
+            return mesh_axes("kv_pages") or mesh_axes("kv_stripes")
+
+    @property
+    def striped(self) -> bool:
+        """Whether every sequence is striped over the pool's shards (context-parallel)."""
+        if self.mesh is None:
+            return False
+        with self._context():
+            return bool(mesh_axes("kv_stripes"))
 
     @property
     def pool_shards(self) -> int:
         return math.prod(self.mesh.shape[a] for a in self.pool_axes)
 
-    def new_allocator(self, num_pages: int, prefix_cache: bool) -> PartitionedAllocator:
+    def new_allocator(self, num_pages: int, prefix_cache: bool) -> PageAllocator:
         """Host bookkeeping for a pool of ``num_pages``, in the pool's shards."""
-        return PartitionedAllocator(
-            num_pages, self.engine_cfg.page_size, prefix_cache, self.pool_shards
-        )
+        kind = StripedAllocator if self.striped else PartitionedAllocator
+        return kind(num_pages, self.engine_cfg.page_size, prefix_cache, self.pool_shards)
 
     def slots_for(self, wanted: int) -> int:
-        """Batch rows for ``wanted`` sequences: rounded up to whole pool shards (every shard of
-        a split pool has the same rows; ``max_batch`` 1 over 4 shards runs 4 rows, 3 idle)."""
-        shards = self.pool_shards
+        """Batch rows for ``wanted`` sequences: rounded up to whole pool shards when rows own
+        a shard each (``max_batch`` 1 over 4 shards runs 4 rows, 3 idle); as wanted when every
+        row spans every shard (striped) or the pool is whole."""
+        shards = 1 if self.striped else self.pool_shards
         return -(-wanted // shards) * shards
+
+    def shard_pages_for(self, row_pages: Sequence[int], slots: int) -> int:
+        """Pages one pool shard needs (its scratch page aside) for the largest ``slots`` of
+        these rows' page counts: the rows of a shard's block under a row-partitioned pool,
+        every row's share of its stripes under a striped one."""
+        need = sorted(row_pages, reverse=True)
+        shards = self.pool_shards
+        if self.striped:
+            return sum(-(-n // shards) for n in need[:slots])
+        return sum(need[: slots // shards])
 
     def page_bytes(self) -> int:
         """Device bytes of one cache page (every layer), per device holding the pool."""
@@ -350,16 +374,16 @@ class Engine:
         ):
             raise ValueError(f"stop_token_ids must be integers, got {list(r.stop_token_ids)!r}")
 
-    def check_fits(self, r: Request, num_pages: int, name: str = "request") -> None:
-        """``RequestTooLarge`` (an ``OutOfPages`` and a ``ValueError``) when ``r`` alone could
-        not fit in a pool (or, with a partitioned pool, a pool shard) of ``num_pages`` pages."""
+    def check_fits(self, r: Request, usable: int, name: str = "request") -> None:
+        """``RequestTooLarge`` (an ``OutOfPages`` and a ``ValueError``) when ``r`` alone needs
+        more than ``usable`` pages (the allocator's ``pages_per_sequence``)."""
         ec = self.engine_cfg
         # The last new token is never fed back, so it needs no cache position.
         need = pages_for(len(r.prompt) + r.max_new_tokens - 1, ec.page_size)
-        if r.max_new_tokens and need > num_pages - 1:
+        if r.max_new_tokens and need > usable:
             raise RequestTooLarge(
                 f"{name} needs {need} pages of {ec.page_size} tokens ({len(r.prompt)} prompt + "
-                f"{r.max_new_tokens} new), but the pool has only {num_pages - 1} usable pages: "
+                f"{r.max_new_tokens} new), but the pool has only {usable} usable pages: "
                 "raise num_pages or page_size"
             )
 
@@ -371,17 +395,12 @@ class Engine:
     def _pool_pages(self, requests: Sequence[Request], slots: int) -> int:
         if self.engine_cfg.num_pages is not None:
             return self.engine_cfg.num_pages
-        shards = self.pool_shards
-        need = sorted(
-            (
-                pages_for(len(r.prompt) + r.max_new_tokens, self.engine_cfg.page_size)
-                for r in requests
-            ),
-            reverse=True,
-        )
+        need = [
+            pages_for(len(r.prompt) + r.max_new_tokens, self.engine_cfg.page_size) for r in requests
+        ]
         # A power of two, so a new prompt length rarely changes the pool's shape (a recompile).
-        # Each shard holds its rows' pages, so each is sized for the largest rows.
-        return shards * _next_pow2(1 + sum(need[: slots // shards]))
+        # Each shard is sized for the largest rows it may hold.
+        return self.pool_shards * _next_pow2(1 + self.shard_pages_for(need, slots))
 
     def run(self, requests: Sequence[Request]) -> Iterator[list[TokenEvent]]:
         """Generate for every request; yields, per engine step, the tokens that step produced.
@@ -399,7 +418,7 @@ class Engine:
         slots = self.slots_for(min(ec.max_batch, _next_pow2(len(live))))
         alloc = self.new_allocator(self._pool_pages(live, slots), ec.prefix_cache)
         for i, r in enumerate(requests):
-            self.check_fits(r, alloc.shard_pages, f"request {i}")
+            self.check_fits(r, alloc.pages_per_sequence, f"request {i}")
         scheduler = Scheduler(self, slots, alloc, lambda chunk, width: self._step)
         for i, r in enumerate(requests):
             if r.max_new_tokens > 0:
@@ -423,7 +442,7 @@ class Scheduler:
         self,
         engine: Engine,
         slots: int,
-        alloc: PartitionedAllocator,
+        alloc: PartitionedAllocator | StripedAllocator,
         program: Callable[[int, int], Callable],
     ):
         self.engine, self.slots, self.alloc = engine, slots, alloc

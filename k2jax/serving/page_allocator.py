@@ -96,10 +96,25 @@ class PageAllocator:
         have = len(self._tables.get(seq, ()))
         return max(0, pages_for(num_tokens, self.page_size) - have)
 
-    def _take(self) -> int:
+    @property
+    def pages_per_sequence(self) -> int:
+        """The most pages one sequence can hold (every page but the scratch page)."""
+        return self.num_pages - 1
+
+    def _take(self, index: int) -> int:
+        """A page for entry ``index`` of a table: from the free list, else evicted."""
+        del index  # any page serves any entry here; StripedAllocator places by it
         if self._free:
             return self._free.pop()
         return self.cache.evict()
+
+    def _release(self, page: int) -> None:
+        self._free.append(page)
+
+    def _can_take(self, first: int, count: int) -> bool:
+        """Whether table entries ``first .. first + count - 1`` can all get a page."""
+        del first
+        return count <= self.num_available
 
     def ensure(self, seq: Hashable, num_tokens: int) -> list[int]:
         """Grow ``seq``'s table to hold positions 0..num_tokens-1; returns its table.
@@ -107,7 +122,7 @@ class PageAllocator:
         Raises ``OutOfPages`` (and allocates nothing) when fewer pages are available.
         """
         extra = self.needed(seq, num_tokens)
-        if extra > self.num_available:
+        if not self._can_take(len(self._tables.get(seq, ())), extra):
             raise OutOfPages(
                 f"sequence {seq!r} needs {extra} more page(s) of {self.page_size} tokens for "
                 f"{num_tokens} positions; {self.num_available} of {self.num_pages - 1} are "
@@ -115,7 +130,7 @@ class PageAllocator:
             )
         table = self._tables.setdefault(seq, [])
         for _ in range(extra):
-            page = self._take()
+            page = self._take(len(table))
             self._holders[page] = 1
             table.append(page)
         return list(table)
@@ -135,7 +150,7 @@ class PageAllocator:
             if self.cache is not None and page in self.cache:
                 self.cache.park(page)
             else:
-                self._free.append(page)
+                self._release(page)
 
     def block_table(self, seq: Hashable, width: int) -> np.ndarray:
         """``seq``'s table as int32 [width], padded with the scratch page."""
@@ -247,6 +262,11 @@ class PartitionedAllocator:
         """Pages sequences may hold in all (each shard's scratch page excluded)."""
         return self.num_pages - self.shards
 
+    @property
+    def pages_per_sequence(self) -> int:
+        """The most pages one sequence can hold: its shard's, less the scratch page."""
+        return self.shard_pages - 1
+
     def all_free_or_cached(self) -> bool:
         return not self._shard_of and all(p.all_free_or_cached() for p in self.parts)
 
@@ -299,3 +319,102 @@ class PartitionedAllocator:
 
     def name_full_pages(self, seq: Hashable, tokens: Sequence[int], num_cached: int) -> None:
         self._part(seq).name_full_pages(seq, tokens, num_cached)
+
+
+class StripedAllocator(PageAllocator):
+    """The pool's pages in ``shards`` equal ranges, each sequence striped over all of them
+    (context-parallel decode): entry j of every block table is a page of shard ``j mod
+    shards``, so a sequence's pages, and the reads of its attention, spread evenly over the
+    devices of the pool's axes (``k2jax.model.context_parallel``).
+
+    Shard s owns global pages ``[s * shard_pages, (s + 1) * shard_pages)``; the first is its
+    scratch page, never handed out. Tables, holders and the prefix cache are one, as in
+    ``PageAllocator``: a cached prefix page sits at the same table entry in every sequence that
+    shares it, so in the right shard. Only taking and returning pages is per shard (a free list
+    each, and eviction of an idle cached page of the shard that needs one). Every row may use
+    every shard: there is no binding of rows to shards (``shard`` is 0 for every sequence).
+    """
+
+    def __init__(self, num_pages: int, page_size: int, prefix_cache: bool = False, shards=1):
+        if shards < 1 or num_pages % shards or num_pages // shards < 2:
+            raise ValueError(
+                f"num_pages {num_pages} cannot be striped over {shards} pool shards: make it a "
+                f"multiple of {shards} with at least 2 pages a shard (one is its scratch page)"
+            )
+        super().__init__(num_pages, page_size, prefix_cache)
+        self.shards, self.shard_pages = shards, num_pages // shards
+        span = self.shard_pages
+        self._free_in = [list(range((s + 1) * span - 1, s * span, -1)) for s in range(shards)]
+        self._free = []  # unused: the per-shard lists replace it
+
+    def shard_of_page(self, page: int) -> int:
+        return page // self.shard_pages
+
+    @property
+    def num_free(self) -> int:
+        return sum(len(f) for f in self._free_in)
+
+    @property
+    def num_usable(self) -> int:
+        """Pages sequences may hold in all (each shard's scratch page excluded)."""
+        return self.num_pages - self.shards
+
+    @property
+    def pages_per_sequence(self) -> int:
+        """The most pages one sequence can hold: every shard's, less their scratch pages."""
+        return self.num_pages - self.shards
+
+    def all_free_or_cached(self) -> bool:
+        return not self._tables and self.num_available == self.num_usable
+
+    def _available_in(self) -> list[int]:
+        """Pages an allocation may take in each shard: its free list and its idle pages."""
+        out = [len(f) for f in self._free_in]
+        for page in self.cache.idle_pages() if self.cache is not None else ():
+            out[self.shard_of_page(page)] += 1
+        return out
+
+    def _need_in(self, first: int, count: int) -> list[int]:
+        need = [0] * self.shards
+        for index in range(first, first + count):
+            need[index % self.shards] += 1
+        return need
+
+    def _can_take(self, first: int, count: int) -> bool:
+        need = self._need_in(first, count)
+        return all(n <= a for n, a in zip(need, self._available_in(), strict=True))
+
+    def _take(self, index: int) -> int:
+        shard = index % self.shards
+        if self._free_in[shard]:
+            return self._free_in[shard].pop()
+        idle = next(p for p in self.cache.idle_pages() if self.shard_of_page(p) == shard)
+        return self.cache.evict(idle)
+
+    def _release(self, page: int) -> None:
+        self._free_in[self.shard_of_page(page)].append(page)
+
+    def fits(self, hit_pages: Sequence[int], num_tokens: int, shard: int = 0) -> bool:
+        """Whether a sequence starting with ``hit_pages`` can hold ``num_tokens`` positions,
+        shard by shard (``shard`` is accepted for the scheduler and ignored)."""
+        del shard
+        available = self._available_in()
+        for page in hit_pages:
+            if self.cache is not None and self.cache.is_idle(page):
+                available[self.shard_of_page(page)] -= 1  # revived: no longer evictable
+        need = self._need_in(len(hit_pages), pages_for(num_tokens, self.page_size) - len(hit_pages))
+        return all(n <= a for n, a in zip(need, available, strict=True))
+
+    # The scheduler's shard interface: one group of rows that spans every shard.
+
+    def shard_of_slot(self, slot: int, slots: int) -> int:
+        return 0
+
+    def shard(self, seq: Hashable) -> int:
+        return 0
+
+    def cached_prefix(self, tokens: Sequence[int], shard: int = 0):
+        return super().cached_prefix(tokens)
+
+    def start(self, seq, hit_pages: Sequence[int], digests: Sequence[bytes], shard: int = 0):
+        super().start(seq, hit_pages, digests)

@@ -175,9 +175,10 @@ def default_num_pages(engine: Engine, slots: int) -> int:
     worth; never more than ``MAX_CONTEXTS_IN_POOL`` whole contexts per slot, never less than
     one whole context... of what is left (2 pages at least)."""
     ec, cfg = engine.engine_cfg, engine.cfg
-    # With a partitioned pool each device holds one shard: sized per shard, for its rows.
+    # With a split pool each device holds one shard: sized per shard, for its rows' pages.
     shards = engine.pool_shards
-    whole = slots // shards * pages_for(cfg.max_position_embeddings, ec.page_size)
+    context = pages_for(cfg.max_position_embeddings, ec.page_size)
+    whole = engine.shard_pages_for([context] * slots, slots)
     free = _free_device_bytes(engine)
     if free is None:
         pages = min(whole, DEFAULT_POOL_TOKENS // ec.page_size // shards)
@@ -252,7 +253,7 @@ class PersistentEngine:
         alloc = self._engine.new_allocator(num_pages, prefix_cache)
         self._scheduler = Scheduler(self._engine, slots, alloc, self._program)
         context_pages = pages_for(model.config.max_position_embeddings - 1, ec.page_size)
-        self.widths = width_ladder(min(context_pages, alloc.shard_pages - 1), ec)
+        self.widths = width_ladder(min(context_pages, alloc.pages_per_sequence), ec)
         self.chunks = sorted({1, ec.prefill_chunk})
         self.compile_count = 0
         self._programs: dict[tuple[int, int], Any] = {}
@@ -345,7 +346,7 @@ class PersistentEngine:
         if not isinstance(request.sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {request.sampling!r}")
         self._engine.validate(request)
-        self._engine.check_fits(request, self._scheduler.alloc.shard_pages, name)
+        self._engine.check_fits(request, self._scheduler.alloc.pages_per_sequence, name)
 
     def submit(self, request: EngineRequest) -> RequestHandle:
         """Validate and enqueue ``request``; ``QueueFull`` when the bounded queue is full."""

@@ -90,8 +90,15 @@ class PrefixCache:
         """``page`` is held again: no longer evictable."""
         del self._idle[page]
 
-    def evict(self) -> int:
-        """Forget the least recently used idle page and return it (the caller reuses it)."""
-        page, _ = self._idle.popitem(last=False)
+    def idle_pages(self) -> list[int]:
+        """The idle pages, least recently used first."""
+        return list(self._idle)
+
+    def evict(self, page: int | None = None) -> int:
+        """Forget an idle page, by default the least recently used, and return it (the caller
+        reuses it)."""
+        if page is None:
+            page = next(iter(self._idle))
+        del self._idle[page]
         del self._page_of[self._digest_of.pop(page)]
         return page
