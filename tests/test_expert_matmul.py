@@ -112,6 +112,60 @@ def test_formulations_match_float32_reference(experts, layout, t, k, offset):
         )
 
 
+@pytest.mark.parametrize("impl", ["words_tiled", "pallas"])
+def test_an_expert_shard_takes_its_pairs_in_passes_of_its_expected_share(experts, impl):
+    """Under expert parallelism (6 local experts of 96) a shard expects 1/16 of the pairs, so
+    its arrays hold passes of 2x that (``pass_capacity``), not every pair of the batch: the
+    largest [rows, D] array is smaller than the pairs. Routing skewed onto this shard (every
+    pair local: many passes) and routing that leaves it nearly idle: ``words_tiled`` (float32)
+    equals the float64 reference; ``pallas`` (bf16 activations) equals, bit for bit, its own
+    one-pass result, which test_formulations_match_float32_reference checks against it."""
+    weights, dense = experts
+    if impl == "pallas":
+        weights = tuple(to_int4_layout(w) for w in weights)
+    t, k, offset = 64, 4, 12
+    for local_share in (1.0, 0.05):
+        x, _, wts = _inputs(t, k, 6, seed=7)
+        rng = np.random.default_rng(int(local_share * 100))
+        local = rng.random((t, k)) < local_share
+        ids = np.where(local, offset + rng.integers(0, 6, (t, k)), rng.integers(20, 96, (t, k)))
+        ids = ids.astype(np.int32)
+
+        def run(x, ids=ids, wts=wts, total=96):
+            return routed_experts(
+                x, ids, wts, *weights, expert_offset=offset, num_experts_total=total, impl=impl
+            )
+
+        if impl == "pallas":
+            x_bf16 = jnp.asarray(x.astype(ml_dtypes.bfloat16).astype(np.float32))
+            one_pass = run(x_bf16, total=None)  # every pair in one pass
+            np.testing.assert_array_equal(np.asarray(run(x_bf16)), np.asarray(one_pass))
+            continue
+        y = run(jnp.asarray(x))
+        ref = _reference(x, ids, wts, dense, offset)
+        scale = np.abs(ref).max() + 1e-30
+        np.testing.assert_allclose(np.asarray(y, np.float64) / scale, ref / scale, atol=2e-6)
+    jaxpr = jax.make_jaxpr(run)(jnp.asarray(x)).jaxpr
+    rows = [
+        v.aval.shape[0]
+        for e in _walk(jaxpr)
+        for v in e.outvars
+        if v.aval.ndim == 2 and v.aval.shape[1] == D
+    ]
+    assert max(rows) < t * k  # 256 pairs; a pass is 32 (pallas) or 40 (words_tiled) + padding
+
+
+def _walk(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.core.subjaxprs(e) if hasattr(jax.core, "subjaxprs") else ():
+            yield from _walk(sub)
+        for param in e.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _walk(inner)
+
+
 def test_pallas_kernel_exact_per_projection(experts):
     """The kernel alone, bf16 activations: equal to float32 dequantize-then-matmul."""
     (gate, _, down), (gate_f, _, down_f) = experts

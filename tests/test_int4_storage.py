@@ -126,7 +126,8 @@ def test_counter_example_dense_over_all_experts_fails_the_measure():
 def test_tiles_are_bounded_by_pairs_not_experts():
     ids = jnp.zeros((8, 4), jnp.int32)
     mine = jnp.ones((8, 4), bool)
-    rows = {e: em._tile_pairs(ids, mine, e, 64).rows for e in (64, 1024)}
+    keys = {e: em._sorted_keys(ids, mine, e)[1] for e in (64, 1024)}
+    rows = {e: em._tiles_of_sorted(keys[e], e, 64).rows for e in (64, 1024)}
     assert rows[64] == rows[1024] <= 32 + 32 * 63 + 63
 
 

@@ -179,10 +179,10 @@ def test_prefill_reads_each_experts_weights_once_per_output_tile():
     ids = np.tile(np.arange(K, dtype=np.int32), (t, 1))  # every token on experts 0..7
     counted = pallas_reads(ids, expert_offset=0, num_local=E // 4, hidden=D, inter=M)
     assert counted["values"] + counted["scales"] == K * PER_EXPERT
-    from k2jax.model.expert_matmul import _tile_pairs
+    from k2jax.model.expert_matmul import _sorted_keys, _tiles_of_sorted
 
     ids_local = jax.numpy.asarray(ids)  # 256 rows on each of 8 experts: 2 row tiles each
-    tiles = _tile_pairs(ids_local, ids_local >= 0, E // 4, 128)
+    tiles = _tiles_of_sorted(_sorted_keys(ids_local, ids_local >= 0, E // 4)[1], E // 4, 128)
     plan = int4_pallas.tiling((D // GS, tiles.rows, GS), (E // 4, D // GS, GS, M), tm=128, tk=1024)
     _, w_copies, _ = int4_pallas.count_copies(plan, tiles.tile_expert, int(tiles.num_tiles))
     whole = int4_pallas.tiling((D // GS, tiles.rows, GS), (E // 4, D // GS, GS, M), tm=128)

@@ -103,12 +103,17 @@ def routed_experts(
     with jax.named_scope(f"routed_experts_{impl}"):
         if impl == "pallas":
             tm = pallas_tile_rows(local_pairs(num_tokens * k, num_local, num_experts_total))
+            capacity = pass_capacity(num_tokens * k, num_local, num_experts_total, tm)
             kernel = _pallas_fp8 if gate_EMD.layout == "fp8" else _pallas
-            y_TD = kernel(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM, tm)
+            y_TD = kernel(
+                x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM, tm, capacity
+            )
         elif impl == "cpu_kernel":
             y_TD = _cpu_kernel(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
         elif impl == "words_tiled":
-            y_TD = _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
+            y_TD = _words_tiled(
+                x_TD, local_TK, mine_TK, weights_TK, gate_EMD, up_EMD, down_EDM, num_experts_total
+            )
         elif impl == "all_experts":
             y_TD = _all_experts(x_TD, local_TK, weights_TK, gate_EMD, up_EMD, down_EDM)
         else:
@@ -183,12 +188,12 @@ def _require_layout(impl: str, layout: str, *weights: ExpertWeight) -> None:
         raise TypeError(f"{impl} needs {layout!r}-layout experts, got {got}")
 
 
-def _sort_pairs(local_TK, mine_TK, num_local):
-    """Pairs sorted by local expert (others last), their order and per-expert counts."""
+def _sorted_keys(local_TK, mine_TK, num_local):
+    """(pair order sorted by local expert, the sorted keys): a pair's key is its local expert,
+    or ``num_local`` for another shard's (those sort last)."""
     key_P = jnp.where(mine_TK, local_TK, num_local).reshape(-1)
     order_P = jnp.argsort(key_P, stable=True)
-    sizes_E = jnp.bincount(key_P, length=num_local + 1)[:num_local].astype(jnp.int32)
-    return order_P, sizes_E
+    return order_P, key_P[order_P]
 
 
 # --- TPU: Pallas grouped kernel ------------------------------------------------------------------
@@ -196,33 +201,35 @@ def _sort_pairs(local_TK, mine_TK, num_local):
 
 @dataclasses.dataclass(frozen=True)
 class _Tiles:
-    """(token, choice) pairs sorted by local expert into row tiles of one expert each.
+    """One pass's (token, choice) pairs, sorted by local expert, in row tiles of one expert
+    each.
 
     Each expert's rows are padded to a multiple of ``tm``, so ``rows`` is bounded by
-    P + min(E, P) * (tm - 1): the work follows the pairs, not the expert count.
+    C + min(E, C) * (tm - 1) for a pass of C pairs: the work follows the pairs, not the expert
+    count.
     """
 
     tm: int
     rows: int
-    order_P: jax.Array  # pair order, sorted by expert
     row_sorted: jax.Array  # row of each sorted pair (``rows`` for other shards' pairs: dropped)
     tile_expert: jax.Array  # int32 [rows // tm], the local expert of each tile
     num_tiles: jax.Array  # int32 scalar, tiles holding real rows
 
 
-def _tile_pairs(local_TK, mine_TK, num_local: int, tm: int) -> _Tiles:
-    num_pairs = local_TK.size
-    order_P, sizes_E = _sort_pairs(local_TK, mine_TK, num_local)
+def _tiles_of_sorted(key_C, num_local: int, tm: int) -> _Tiles:
+    """The row tiles of pairs whose keys ``key_C`` are sorted (``num_local``: not this
+    shard's, last)."""
+    count = key_C.shape[0]
+    sizes_E = jnp.bincount(key_C, length=num_local + 1)[:num_local].astype(jnp.int32)
     padded_E = (sizes_E + tm - 1) // tm * tm
     end_E = jnp.cumsum(padded_E)
     start_E = end_E - padded_E
-    # At most min(E, P) groups are non-empty, each padded by fewer than tm rows.
-    rows = -(-(num_pairs + min(num_local, num_pairs) * (tm - 1)) // tm) * tm
-    key_sorted = jnp.where(mine_TK, local_TK, num_local).reshape(-1)[order_P]
-    valid = key_sorted < num_local
-    e_sorted = jnp.minimum(key_sorted, num_local - 1)
+    # At most min(E, C) groups are non-empty, each padded by fewer than tm rows.
+    rows = -(-(count + min(num_local, count) * (tm - 1)) // tm) * tm
+    valid = key_C < num_local
+    e_sorted = jnp.minimum(key_C, num_local - 1)
     first_E = jnp.cumsum(sizes_E) - sizes_E
-    rank = jnp.arange(num_pairs) - first_E[e_sorted]
+    rank = jnp.arange(count) - first_E[e_sorted]
     row_sorted = jnp.where(valid, start_E[e_sorted] + rank, rows)
     tile_start = jnp.arange(rows // tm) * tm
     tile_expert = jnp.searchsorted(end_E, tile_start, side="right")
@@ -234,26 +241,79 @@ def _tile_pairs(local_TK, mine_TK, num_local: int, tm: int) -> _Tiles:
     last = jnp.minimum(last, num_local - 1)
     tile_expert = jnp.minimum(tile_expert, last).astype(jnp.int32)
     num_tiles = (end_E[-1] // tm).astype(jnp.int32)
-    return _Tiles(tm, rows, order_P, row_sorted, tile_expert, num_tiles)
+    return _Tiles(tm, rows, row_sorted, tile_expert, num_tiles)
 
 
-def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project):
-    """Scatter pairs into tiles, SwiGLU through ``project(x_RI, w, tiles)``, gather back."""
+def _passes(local_TK, mine_TK, num_local: int, capacity: int):
+    """The sorted pairs cut into passes of ``capacity``: (pair ids [passes * capacity], their
+    keys, the number of passes with a pair of this shard). Padding entries name pair P (past
+    the end: dropped) with key ``num_local``."""
+    num_pairs = local_TK.size
+    order_P, key_P = _sorted_keys(local_TK, mine_TK, num_local)
+    pad = -num_pairs % capacity
+    order = jnp.pad(order_P, (0, pad), constant_values=num_pairs)
+    keys = jnp.pad(key_P, (0, pad), constant_values=num_local)
+    mine = jnp.sum(key_P < num_local)
+    return order, keys, (mine + capacity - 1) // capacity
+
+
+def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project, capacity=None):
+    """Scatter pairs into tiles, SwiGLU through ``project(x_RI, w, tiles)``, gather back.
+
+    With expert parallelism a shard expects only its share of the pairs, but any number may
+    route to it: the sorted pairs are taken ``capacity`` at a time (this shard's first, in
+    order), in as many passes as its pairs need (a loop with that trip count; usually one),
+    so the arrays are sized for a pass, not for every pair of the batch. Exact for any routing.
+    """
     t, k = local_TK.shape
-    tiles = _tile_pairs(local_TK, mine_TK, gate.num_experts, tm)
-    x_RD = jnp.zeros((tiles.rows, x_TD.shape[1]), x_TD.dtype)
-    x_RD = x_RD.at[tiles.row_sorted].set(x_TD[tiles.order_P // k], mode="drop")
-    h_RM = _swiglu(project(x_RD, gate, tiles), project(x_RD, up, tiles))
-    y_RD = project(h_RM.astype(x_TD.dtype), down, tiles)
-    y_sorted = jnp.take(y_RD, tiles.row_sorted, axis=0, mode="fill", fill_value=0)
-    y_PD = jnp.zeros_like(y_sorted).at[tiles.order_P].set(y_sorted)
-    return jnp.einsum("TKD,TK->TD", y_PD.reshape(t, k, -1), weights_TK)
+    num_pairs = t * k
+    capacity = min(capacity or num_pairs, num_pairs)
+    order, keys, needed = _passes(local_TK, mine_TK, gate.num_experts, capacity)
+
+    weights_P = weights_TK.reshape(-1)
+
+    def one_pass(i, y_TD):
+        order_C = jax.lax.dynamic_slice_in_dim(order, i * capacity, capacity)
+        tiles = _tiles_of_sorted(
+            jax.lax.dynamic_slice_in_dim(keys, i * capacity, capacity), gate.num_experts, tm
+        )
+        x_CD = x_TD[jnp.minimum(order_C, num_pairs - 1) // k]
+        x_RD = jnp.zeros((tiles.rows, x_TD.shape[1]), x_TD.dtype)
+        x_RD = x_RD.at[tiles.row_sorted].set(x_CD, mode="drop")
+        h_RM = _swiglu(project(x_RD, gate, tiles), project(x_RD, up, tiles))
+        y_RD = project(h_RM.astype(x_TD.dtype), down, tiles)
+        y_CD = jnp.take(y_RD, tiles.row_sorted, axis=0, mode="fill", fill_value=0)
+        # Each pair's weighted output onto its token (padding entries name token t: dropped).
+        w_C = jnp.take(weights_P, order_C, mode="fill", fill_value=0)
+        return y_TD.at[order_C // k].add(y_CD.astype(jnp.float32) * w_C[:, None], mode="drop")
+
+    y_TD = jnp.zeros((t, x_TD.shape[1]), jnp.float32)
+    if capacity == num_pairs:
+        return one_pass(0, y_TD)  # one pass holds every pair: no loop
+    return jax.lax.fori_loop(0, needed, one_pass, y_TD)
 
 
 def local_pairs(num_pairs: int, num_local: int, num_total: int | None) -> int:
     """The (token, choice) pairs one shard of ``num_local`` experts expects out of
     ``num_pairs`` under uniform routing: all of them without expert parallelism."""
     return num_pairs if not num_total else -(-num_pairs * num_local // num_total)
+
+
+# Pairs one pass of the tiled path takes under expert parallelism, as a multiple of the pairs
+# a shard expects under uniform routing: sized for every pair of the batch, each shard's
+# dispatch and combine arrays were most of a large-batch step's bytes (K2 on v5p-64, batch 256:
+# 2.5 GB of 2.6 GB a MoE layer, docs/sharding.md); at 2x the expected share one pass nearly
+# always holds them, and more pairs take more passes, never a dropped token.
+CAPACITY_FACTOR = 2
+
+
+def pass_capacity(num_pairs: int, num_local: int, num_total: int | None, tm: int) -> int:
+    """Pairs per pass (``_run_tiled``): all of them without expert parallelism, else
+    ``CAPACITY_FACTOR`` times the shard's expected share in whole tiles, at most all."""
+    if not num_total:
+        return num_pairs
+    share = local_pairs(num_pairs, num_local, num_total)
+    return min(num_pairs, -(-CAPACITY_FACTOR * share // tm) * tm)
 
 
 def pallas_tile_rows(num_pairs: int) -> int:
@@ -278,10 +338,11 @@ def pallas_reads(
     """HBM bytes one device's Pallas kernels copy for one MoE layer (gate, up, down), counted:
     ``{"activations", "values", "scales", "total"}``.
 
-    Runs the same pair sorting as ``routed_experts`` on the concrete ``expert_ids_TK`` (the
-    global expert chosen by each (token, choice)) for the shard holding experts
-    [expert_offset, expert_offset + num_local), then counts the block copies of each call's
-    pipeline with ``int4_pallas.count_copies`` (its own index maps over its grid).
+    Runs the same pair sorting and passes as ``routed_experts`` on the concrete
+    ``expert_ids_TK`` (the global expert chosen by each (token, choice)) for the shard holding
+    experts [expert_offset, expert_offset + num_local), then counts the block copies of each
+    call's pipeline with ``int4_pallas.count_copies`` (its own index maps over its grid), for
+    every pass that runs.
     ``num_total`` (all experts) sets the tile height as ``routed_experts`` does. ``layout``
     ``"fp8"`` counts the FP8 kernel's copies (``fp8_pallas``; "values" are its FP8 tiles).
     """
@@ -289,24 +350,29 @@ def pallas_reads(
     local_TK = ids - expert_offset
     mine_TK = (local_TK >= 0) & (local_TK < num_local)
     tm = pallas_tile_rows(local_pairs(ids.size, num_local, num_total))
-    tiles = _tile_pairs(local_TK, mine_TK, num_local, tm)
+    capacity = pass_capacity(ids.size, num_local, num_total, tm)
+    _, keys, needed = _passes(local_TK, mine_TK, num_local, capacity)
     sums = [0, 0, 0]
-    for inp, out in ((hidden, inter), (hidden, inter), (inter, hidden)):
-        if layout == "fp8":
-            plan = fp8_pallas.tiling((tiles.rows, inp), (num_local, out, inp), tm=tm)
-        else:
-            plan = int4_pallas.tiling(
-                (inp // group_size, tiles.rows, group_size),
-                (num_local, inp // group_size, group_size, out),
-                tm=tm,
-            )
-        copies = int4_pallas.count_copies(plan, tiles.tile_expert, int(tiles.num_tiles))
-        for n, (c, b) in enumerate(zip(copies, plan.block_bytes, strict=True)):
-            sums[n] += c * b
+    for i in range(max(int(needed), 1) if capacity == ids.size else int(needed)):
+        tiles = _tiles_of_sorted(keys[i * capacity : (i + 1) * capacity], num_local, tm)
+        for inp, out in ((hidden, inter), (hidden, inter), (inter, hidden)):
+            if layout == "fp8":
+                plan = fp8_pallas.tiling((tiles.rows, inp), (num_local, out, inp), tm=tm)
+            else:
+                plan = int4_pallas.tiling(
+                    (inp // group_size, tiles.rows, group_size),
+                    (num_local, inp // group_size, group_size, out),
+                    tm=tm,
+                )
+            copies = int4_pallas.count_copies(plan, tiles.tile_expert, int(tiles.num_tiles))
+            for n, (c, b) in enumerate(zip(copies, plan.block_bytes, strict=True)):
+                sums[n] += c * b
     return {"activations": sums[0], "values": sums[1], "scales": sums[2], "total": sum(sums)}
 
 
-def _pallas(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, *, interpret=None):
+def _pallas(
+    x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, capacity=None, *, interpret=None
+):
     _require_layout("pallas", "int4", gate, up, down)
 
     def project(x_RI, w, tiles):
@@ -326,10 +392,12 @@ def _pallas(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, *, interpre
             layer=w.layer,
         )
 
-    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
+    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project, capacity)
 
 
-def _pallas_fp8(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, *, interpret=None):
+def _pallas_fp8(
+    x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, capacity=None, *, interpret=None
+):
     """The FP8 experts through ``fp8_pallas``: the same row tiles, 1 byte per weight read."""
     _require_layout("pallas", "fp8", gate, up, down)
     act = jnp.float32 if x_TD.dtype == jnp.float32 else jnp.bfloat16
@@ -346,7 +414,7 @@ def _pallas_fp8(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, *, inte
             layer=w.layer,
         )
 
-    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
+    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project, capacity)
 
 
 # --- CPU prefill: tiles of one expert, each expert widened once per tile -------------------------
@@ -359,7 +427,7 @@ def cpu_tile_rows(num_pairs: int) -> int:
     return 1 if num_pairs <= 16 else 8
 
 
-def _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down):
+def _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, num_total=None):
     """Sequential loop over row tiles: widen the tile's expert to float32, one plain dot.
 
     Only the experts that tokens chose are widened, one at a time (a transient [O, I] float32
@@ -384,7 +452,8 @@ def _words_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down):
         return y_NTO.reshape(-1, out)
 
     tm = cpu_tile_rows(local_TK.size)
-    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project)
+    capacity = pass_capacity(local_TK.size, gate.num_experts, num_total, tm)
+    return _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project, capacity)
 
 
 __all__ = ["IMPLS", "choose_impl", "cpu_tile_rows", "routed_experts"]
