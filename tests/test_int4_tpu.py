@@ -191,6 +191,18 @@ def test_prefill_reads_each_experts_weights_once_per_output_tile():
     assert w_copies == K * 2 * plan.grid[0] * plan.grid[2]  # chunked: again for every row tile
 
 
+def test_batch_512_on_32_shards_reads_each_expert_once_and_few_activations():
+    """K2 at batch 512 over 32 expert shards (12 local experts, ~11 rows each): the row tile
+    follows an expert's expected rows, so each local expert's weights are copied once and the
+    activations (re-read for every output tile) stay below a quarter of them; 128-row tiles
+    copied as many activation bytes as weight bytes."""
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(512)]).astype(np.int32)
+    counted = pallas_reads(ids, expert_offset=0, num_local=12, hidden=D, inter=M, num_total=E)
+    assert counted["values"] + counted["scales"] == 12 * PER_EXPERT
+    assert counted["activations"] < (counted["values"] + counted["scales"]) / 4
+
+
 @pytest.mark.parametrize("t", [1, 8])
 def test_pallas_decode_reads_int4_once(mesh, t):
     ratio, temps = _check(_compile_decode(mesh, t, "pallas", "int4"), t, "pallas")

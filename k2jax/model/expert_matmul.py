@@ -42,6 +42,7 @@ never selected).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,8 @@ def routed_experts(
     weights_TK = jnp.where(mine_TK, weights_TK, 0.0).astype(jnp.float32)
     with jax.named_scope(f"routed_experts_{impl}"):
         if impl == "pallas":
-            tm = pallas_tile_rows(local_pairs(num_tokens * k, num_local, num_experts_total))
+            share = local_pairs(num_tokens * k, num_local, num_experts_total)
+            tm = pallas_tile_rows(share, num_local if num_experts_total else None)
             capacity = pass_capacity(num_tokens * k, num_local, num_experts_total, tm)
             kernel = _pallas_fp8 if gate_EMD.layout == "fp8" else _pallas
             y_TD = kernel(
@@ -316,12 +318,24 @@ def pass_capacity(num_pairs: int, num_local: int, num_total: int | None, tm: int
     return min(num_pairs, -(-CAPACITY_FACTOR * share // tm) * tm)
 
 
-def pallas_tile_rows(num_pairs: int) -> int:
+def pallas_tile_rows(num_pairs: int, num_local: int | None = None) -> int:
     """Rows per tile for the pairs a shard expects: 8 (the sublane minimum) while an expert
     gets a few rows (decode), 128 to feed the MXU when it gets many (prefill). Chosen from the
     shard's share, not the global count: at batch 64 on 32 shards each expert sees ~2 rows, and
-    128-row tiles made its activation blocks dominate the copies (counted, docs/int4.md)."""
-    return 8 if num_pairs <= 64 else 128
+    128-row tiles made its activation blocks dominate the copies (counted, docs/int4.md).
+
+    Under expert parallelism (``num_local``: the shard's experts; ``num_pairs`` their share of
+    uniformly routed pairs), with more than 64 pairs but fewer than 64 rows an expert expected:
+    the power of two that holds twice an expert's expected rows. Each output tile re-reads a
+    row tile's activations, so 128-row tiles for K2 at batch 512 on 32 shards (~11 rows an
+    expert) copied as many activation bytes as weight bytes (counted by ``pallas_reads``: 264
+    of 561 MB a layer; 32-row tiles: 66 of 363 MB)."""
+    if num_pairs <= 64:
+        return 8
+    if num_local is None:
+        return 128
+    wanted = 2 * num_pairs / num_local
+    return 128 if wanted >= 128 else max(8, 1 << math.ceil(math.log2(wanted)))
 
 
 def pallas_reads(
@@ -349,7 +363,8 @@ def pallas_reads(
     ids = jnp.asarray(expert_ids_TK, jnp.int32)
     local_TK = ids - expert_offset
     mine_TK = (local_TK >= 0) & (local_TK < num_local)
-    tm = pallas_tile_rows(local_pairs(ids.size, num_local, num_total))
+    share = local_pairs(ids.size, num_local, num_total)
+    tm = pallas_tile_rows(share, num_local if num_total else None)
     capacity = pass_capacity(ids.size, num_local, num_total, tm)
     _, keys, needed = _passes(local_TK, mine_TK, num_local, capacity)
     sums = [0, 0, 0]
