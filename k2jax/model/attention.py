@@ -117,9 +117,10 @@ class MLAttention(nn.Module):
         if pool_axes:
             with jax.named_scope("mla_context_parallel" if striped else "mla_partitioned_pool"):
                 attend = self._attend_striped if striped else self._attend_pool_shards
-                out_lat_BTNC, pages = attend(
-                    q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT, cache, layer, pool_axes
-                )
+                q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+                operands = (q_lat_BTNC, q_pe_BTNR, latents_BTW, positions_BT)
+                operands += (cache.block_tables, cache.pages, jnp.asarray(layer, jnp.int32))
+                out_lat_BTNC, pages = attend(operands, pool_axes)
             out_BTNU = jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
             return jnp.einsum("BTNU,NUD->BTD", out_BTNU, self.w_o), pages
         with jax.named_scope("mla_cache_write"):
@@ -204,20 +205,18 @@ class MLAttention(nn.Module):
         ).astype(q_nope_BTNH.dtype)
         return jnp.einsum("BTNC,NUC->BTNU", out_lat_BTNC, self.w_v_up)
 
-    def _attend_pool_shards(
-        self, q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT, cache, layer, pool_axes
-    ):
+    def _attend_pool_shards(self, operands, pool_axes):
         """Write and attend with the pool split over ``pool_axes`` (data-parallel attention).
 
-        Row block s of the batch owns pages [s P / n, (s + 1) P / n) of the pool (the engine's
-        ``PartitionedAllocator``), so in a shard_map over those axes each device writes and
-        reads only its own pool shard, through block tables turned into local page ids (the
-        scratch page maps to the shard's own first page). Heads stay split as their weights
-        are, over the head axes the pool does not use. Returns the latent output [B, T, N, C]
-        in the queries' dtype and the new pool.
+        ``operands``: (q_lat [B, T, N, C], q_pe, latents [B, T, W], positions, block tables,
+        pool, layer). Row block s of the batch owns pages [s P / n, (s + 1) P / n) of the pool
+        (the engine's ``PartitionedAllocator``), so in a shard_map over those axes each device
+        writes and reads only its own pool shard, through block tables turned into local page
+        ids (the scratch page maps to the shard's own first page). Heads stay split as their
+        weights are, over the head axes the pool does not use. Returns the latent output
+        [B, T, N, C] in the queries' dtype and the new pool.
         """
-        q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
-        b, _, n, _ = q_lat_BTNC.shape
+        b, _, n, _ = operands[0].shape
         heads = kernel_split(b, n, pool_axes)[1] or None
         on_tpu = target_platform() == "tpu"
 
@@ -247,42 +246,23 @@ class MLAttention(nn.Module):
             in_specs=(q, q, rows, rows, rows, pool, P()),
             out_specs=(q, pool),
             check_vma=False,
-        )(
-            q_lat_BTNC,
-            q_pe_BTNR,
-            latents_BTW,
-            positions_BT,
-            cache.block_tables,
-            cache.pages,
-            jnp.asarray(layer, jnp.int32),
-        )
+        )(*operands)
 
-    def _attend_striped(
-        self, q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT, cache, layer, stripe_axes
-    ):
+    def _attend_striped(self, operands, stripe_axes):
         """Write and attend with every sequence striped over ``stripe_axes`` (context-parallel
         decode, ``k2jax.model.context_parallel``): each device holds and reads its own 1/N of
         every row's pages, through the Pallas kernel's log-sum-exp form on the TPU target.
-        Returns the latent output [B, T, N, C] in the queries' dtype and the new pool."""
-        q_lat_BTNC = jnp.einsum("BTNH,NHC->BTNC", q_nope_BTNH, self.w_k_up)
+        ``operands`` as ``_attend_pool_shards`` takes them. Returns the latent output
+        [B, T, N, C] in the queries' dtype and the new pool."""
         attend_shard = None
         if target_platform() == "tpu":
             attend_shard = functools.partial(
                 mla_pallas.paged_mla_attention, scale=self.cfg.softmax_scale, return_lse=True
             )
         out_lat_BTNC, pages = context_parallel.write_and_attend(
-            q_lat_BTNC,
-            q_pe_BTNR,
-            latents_BTW,
-            positions_BT,
-            cache.block_tables,
-            cache.pages,
-            layer,
-            axes=stripe_axes,
-            scale=self.cfg.softmax_scale,
-            attend_shard=attend_shard,
+            *operands, axes=stripe_axes, scale=self.cfg.softmax_scale, attend_shard=attend_shard
         )
-        return out_lat_BTNC.astype(q_lat_BTNC.dtype), pages
+        return out_lat_BTNC.astype(operands[0].dtype), pages
 
     def absorbed(self, q_nope_BTNH, q_pe_BTNR, cached_BPKW, positions_BT):
         """Attention over cached pages [B, P, K, W] in sequence order (position p * K + k)."""
