@@ -276,3 +276,51 @@ def test_v6e_16_does_not_fit():
     assert r["compiler"].startswith("XLA:TPU"), r["compiler"]
     assert r["weight_bytes"] > r["hbm_bytes"] and not r["fits"]
     assert "RESOURCE_EXHAUSTED" in r["compile_error"]
+
+
+def test_the_engine_step_on_one_tpu_chip_keeps_the_pool_row_major():
+    """The engine's step for a model on one TPU chip (no mesh), compiled ahead of time by
+    XLA:TPU: the page pool comes in row-major, as the Pallas kernel and the cache scatter read
+    it, and the step reads less than the same step without the pin (which the compiler gives a
+    layout of its own, relaid out every step)."""
+    import numpy as np
+    from jax.experimental import topologies as jtop
+
+    from k2jax.kernels.platform import target
+    from k2jax.serving import engine, sampling
+
+    assert _have_libtpu(), "libtpu is part of the test extra; the TPU compiler must be used"
+    cfg = _tiny_cfg()
+    device = jtop.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices[0]
+    one = jax.sharding.SingleDeviceSharding(device)
+
+    def abstract(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+
+    slots, width, page = 8, 256, 64
+    batch_sampling = sampling.BatchSampling.from_params([sampling.SamplingParams()] * slots)
+    inputs = (
+        jax.tree.map(
+            lambda s: abstract(s.shape, s.dtype), k2model.abstract_params(cfg, jnp.bfloat16, "int4")
+        ),
+        abstract((cfg.num_layers, slots * width + 1, page, cfg.cache_width), jnp.bfloat16),
+        abstract((slots, cfg.vocab_size), jnp.int8),
+        *(abstract(s, jnp.int32) for s in ((slots, 1), (slots, 1), (slots, width), (slots,))),
+        abstract((slots,), jnp.bool_),
+        abstract((slots,), jnp.int32),
+        jax.tree.map(lambda x: abstract(np.shape(x), np.asarray(x).dtype), batch_sampling),
+    )
+    costs, layouts = {}, {}
+    with target("tpu"):
+        for pin in (True, False):
+            step = engine._step_fn(
+                cfg, jnp.dtype(jnp.bfloat16), True, None, "tpu", None, (), device if pin else None
+            )
+            compiled = step.lower(*inputs).compile()
+            # The program's entry layout of the pool parameter, minor-to-major.
+            entry = compiled.as_text().split("entry_computation_layout={", 1)[1].split("\n")[0]
+            pool_shape = "bf16[" + ",".join(map(str, inputs[1].shape)) + "]{"
+            layouts[pin] = entry.split(pool_shape, 1)[1].split(":")[0].split("}")[0]
+            costs[pin] = compiled.cost_analysis()["bytes accessed"]
+    assert layouts[True] == "3,2,1,0"  # row-major
+    assert costs[True] < costs[False], (costs, layouts)  # XLA chose 1,3,2,0: pages minor-most

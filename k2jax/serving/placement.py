@@ -24,7 +24,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def row_major(sharding: NamedSharding, ndim: int) -> Format:
+def row_major(sharding: jax.sharding.Sharding, ndim: int) -> Format:
     """``sharding`` with the array's layout pinned row-major (the page pool's).
 
     XLA:TPU's default layout for a pool such as bf16[L, P, 64, W] can put the page axis
