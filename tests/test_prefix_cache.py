@@ -89,9 +89,13 @@ def test_allocator_never_hands_out_a_held_page_with_sharing():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = reference.write_checkpoint(reference.build(seed=3), tmp_path_factory.mktemp("ckpt"))
-    return k2jax.load(path, dtype="float32")
+def checkpoint(tmp_path_factory):
+    return reference.write_checkpoint(reference.build(seed=3), tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return k2jax.load(checkpoint, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +221,27 @@ def test_cancelling_a_request_that_shares_pages_frees_only_its_own(engines):
     list(follow)
     assert follow.cached_tokens >= 36
     assert cached.stats().pages_used == 0 and cached.all_pages_free_or_cached()
+
+
+def test_a_striped_pool_reuses_a_prefix_across_all_8_devices(checkpoint, engines):
+    """``context_parallel`` on 8 fake devices (data=2, expert=2, tensor=2): the pool striped
+    (the engine's ``StripedAllocator``, pages of 4, so the shared prefix spans every device),
+    the prefix cache on. A follow-up turn reuses the first turn's full pages from every
+    shard and gives the one-device engine's tokens, greedy and seeded."""
+    import dataclasses
+
+    from sharding.mesh import make_mesh
+
+    _, plain = engines
+    mesh = make_mesh(data=2, expert=2, tensor=2)
+    striped_model = k2jax.load(checkpoint, dtype="float32", mesh=mesh, strategy="context_parallel")
+    requests = _conversation_requests(np.random.default_rng(5), turns=2)
+    config = dataclasses.replace(CONFIG, num_pages=64)  # 8 shards of 8 pages
+    with PersistentEngine(striped_model, config, prefix_cache=True) as striped:
+        assert striped._engine.striped and striped._engine.pool_shards == 8
+        first, first_lp, first_hits = _run(striped, requests[:1])
+        follow, follow_lp, follow_hits = _run(striped, requests[1:])
+    want, want_lp, _ = _run(plain, requests)
+    assert first + follow == want
+    np.testing.assert_allclose(first_lp + follow_lp, want_lp, atol=1e-4)
+    assert first_hits == [0] and follow_hits[0] >= 36
