@@ -346,6 +346,8 @@ class StripedAllocator(PageAllocator):
         span = self.shard_pages
         self._free_in = [list(range((s + 1) * span - 1, s * span, -1)) for s in range(shards)]
         self._free = []  # unused: the per-shard lists replace it
+        if prefix_cache:  # idle pages kept by shard too: counted and evicted per shard in O(1)
+            self.cache = PrefixCache(group=self.shard_of_page)
 
     def shard_of_page(self, page: int) -> int:
         return page // self.shard_pages
@@ -369,10 +371,8 @@ class StripedAllocator(PageAllocator):
 
     def _available_in(self) -> list[int]:
         """Pages an allocation may take in each shard: its free list and its idle pages."""
-        out = [len(f) for f in self._free_in]
-        for page in self.cache.idle_pages() if self.cache is not None else ():
-            out[self.shard_of_page(page)] += 1
-        return out
+        idle = self.cache.num_idle_in if self.cache is not None else lambda shard: 0
+        return [len(free) + idle(shard) for shard, free in enumerate(self._free_in)]
 
     def _need_in(self, first: int, count: int) -> list[int]:
         need = [0] * self.shards
@@ -388,8 +388,7 @@ class StripedAllocator(PageAllocator):
         shard = index % self.shards
         if self._free_in[shard]:
             return self._free_in[shard].pop()
-        idle = next(p for p in self.cache.idle_pages() if self.shard_of_page(p) == shard)
-        return self.cache.evict(idle)
+        return self.cache.evict(shard)
 
     def _release(self, page: int) -> None:
         self._free_in[self.shard_of_page(page)].append(page)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -43,11 +43,15 @@ def page_digests(
 class PrefixCache:
     """Which page holds which prefix digest, and which cached pages are idle (LRU order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, group: Callable[[int], int] | None = None) -> None:
         self._page_of: dict[bytes, int] = {}
         self._digest_of: dict[int, bytes] = {}
-        # Idle cached pages, least recently used first.
+        # Idle cached pages, least recently used first: all of them, and by group (a striped
+        # pool's shard, ``group(page)``), so a shard's count and its oldest page cost O(1).
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._group = group or (lambda page: 0)
+        self._idle_in: collections.defaultdict[int, collections.OrderedDict[int, None]]
+        self._idle_in = collections.defaultdict(collections.OrderedDict)
 
     def __contains__(self, page: int) -> bool:
         return page in self._digest_of
@@ -85,20 +89,24 @@ class PrefixCache:
         """``page`` lost its last holder: idle, the most recently used."""
         self._idle[page] = None
         self._idle.move_to_end(page)
+        group = self._idle_in[self._group(page)]
+        group[page] = None
+        group.move_to_end(page)
 
     def unpark(self, page: int) -> None:
         """``page`` is held again: no longer evictable."""
         del self._idle[page]
+        del self._idle_in[self._group(page)][page]
 
-    def idle_pages(self) -> list[int]:
-        """The idle pages, least recently used first."""
-        return list(self._idle)
+    def num_idle_in(self, group: int) -> int:
+        """Idle pages of ``group``."""
+        return len(self._idle_in[group])
 
-    def evict(self, page: int | None = None) -> int:
-        """Forget an idle page, by default the least recently used, and return it (the caller
-        reuses it)."""
-        if page is None:
-            page = next(iter(self._idle))
+    def evict(self, group: int | None = None) -> int:
+        """Forget the least recently used idle page (of ``group``, when given) and return it
+        (the caller reuses it)."""
+        page = next(iter(self._idle if group is None else self._idle_in[group]))
         del self._idle[page]
+        del self._idle_in[self._group(page)][page]
         del self._page_of[self._digest_of.pop(page)]
         return page
