@@ -221,8 +221,8 @@ class MLAttention(nn.Module):
         on_tpu = target_platform() == "tpu"
 
         def local(q_lat_BTNC, q_pe_BTNR, latents_BTW, positions_BT, tables_BP, pages, layer):
-            base = jax.lax.axis_index(pool_axes) * pages.shape[1]
-            local_BP = jnp.where(tables_BP == kv_cache.SCRATCH_PAGE, 0, tables_BP - base)
+            shard = jax.lax.axis_index(pool_axes)
+            local_BP = kv_cache.local_page_ids(tables_BP, shard, pages.shape[1])
             pages = kv_cache.write_layer(pages, layer, local_BP, positions_BT, latents_BTW)
             if on_tpu:
                 out = mla_pallas.paged_mla_attention(

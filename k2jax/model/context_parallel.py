@@ -35,15 +35,7 @@ def stripe_tables(tables_BW, shard, num_shards: int, shard_pages: int):
     pad = -w % num_shards
     padded = jnp.pad(tables_BW, ((0, 0), (0, pad)), constant_values=kv_cache.SCRATCH_PAGE)
     column_BJ = jnp.take(padded.reshape(b, -1, num_shards), shard, axis=2)
-    return own_pages(column_BJ, shard, shard_pages)
-
-
-def own_pages(tables, shard, shard_pages: int):
-    """Global page ids as ``shard``'s local ids; ids in other shards become local 0 (the
-    shard's scratch page)."""
-    base = shard * shard_pages
-    mine = (tables >= base) & (tables < base + shard_pages)
-    return jnp.where(mine, tables - base, 0).astype(jnp.int32)
+    return kv_cache.local_page_ids(column_BJ, shard, shard_pages)
 
 
 def stripe_positions(positions_BT, shard, num_shards: int, page_size: int):
@@ -58,7 +50,7 @@ def stripe_positions(positions_BT, shard, num_shards: int, page_size: int):
     valid = positions_BT >= 0
     pos = jnp.where(valid, positions_BT, 0)
     page, slot = pos // page_size, pos % page_size
-    before = jnp.maximum(0, (page - shard + num_shards - 1) // num_shards)
+    before = (page - shard + num_shards - 1) // num_shards  # >= 0: shard < num_shards
     local = jnp.where(page % num_shards == shard, before * page_size + slot, before * page_size - 1)
     return jnp.where(valid, local, -1).astype(jnp.int32)
 
@@ -144,7 +136,7 @@ def write_and_attend(
         num_shards = jax.lax.axis_size(axes)
         shard_pages, page_size = pages.shape[1], pages.shape[2]
         pages = kv_cache.write_layer(
-            pages, layer, own_pages(tables, shard, shard_pages), positions, latents
+            pages, layer, kv_cache.local_page_ids(tables, shard, shard_pages), positions, latents
         )
         out, lse = attend(
             q_BTNW[..., :latent],

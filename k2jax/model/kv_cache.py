@@ -62,6 +62,15 @@ def write_layer(
     return pages.at[layer, page_ids, slots].set(values_BTW.astype(pages.dtype))
 
 
+def local_page_ids(tables, shard, shard_pages: int):
+    """Global page ids as pool shard ``shard``'s local ids (a pool split into equal ranges of
+    ``shard_pages`` over devices, each range's first page its scratch page); ids outside the
+    shard, the global scratch page among them, become local 0, the shard's scratch page."""
+    base = shard * shard_pages
+    mine = (tables >= base) & (tables < base + shard_pages)
+    return jnp.where(mine, tables - base, SCRATCH_PAGE).astype(jnp.int32)
+
+
 def read_pages(pages: jax.Array, layer: jax.Array | int, block_tables_BP: jax.Array) -> jax.Array:
     """Each row's pages of ``layer`` in sequence order: [B, P_seq, S_page, W].
 
