@@ -40,6 +40,7 @@ from k2jax import cli_errors
 from k2jax import model as k2model
 from k2jax.model import kv_cache
 from k2jax.model.config import Config
+from k2jax.model.moe import expert_split
 from k2jax.model.quant import expert_layout_for
 from k2jax.serving import placement
 from sharding import collectives, rules, search, topologies
@@ -145,7 +146,7 @@ def plan(
         if compiled is not None
         else (0.0, 0.0, 0.0)
     )
-    kernel = _kernel_expert_bytes(cfg, mesh, batch) if compiled is not None else {}
+    kernel = _kernel_expert_bytes(cfg, mesh, batch, strategy) if compiled is not None else {}
     attention = (
         _kernel_attention_bytes(cfg, mesh, strategy, batch, context, page_size, dtype)
         if compiled is not None
@@ -183,6 +184,21 @@ def plan(
         "kernel_bytes_experts": kernel.get("busiest", 0.0),
         "kernel_bytes_experts_mean": kernel.get("mean", 0.0),
         "kernel_bytes_attention": attention,
+        # The mesh axes the routed experts' stack and each expert's intermediate axis are
+        # split over (``k2jax.model.moe.expert_split``).
+        "expert_split": dict(
+            zip(
+                ("experts", "intermediate"),
+                expert_split(
+                    cfg,
+                    _expert_layout(cfg, mesh),
+                    rules.rules_for(strategy)["experts"],
+                    rules.rules_for(strategy)["expert_mlp"],
+                    dict(mesh_sizes),
+                ),
+                strict=True,
+            )
+        ),
         "kernel_routing": f"uniform random top-{cfg.num_experts_per_tok}, seed "
         f"{ROUTING_SEED} + layer; busiest expert shard per layer",
         "step_time_lower_bound_s": accessed / bandwidth if bandwidth and accessed else None,
@@ -497,7 +513,7 @@ def _kernel_attention_bytes(cfg, mesh, strategy, batch, context, page_size, dtyp
     return float((read + written) * cfg.num_layers)
 
 
-def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
+def _kernel_expert_bytes(cfg, mesh, batch: int, strategy: str) -> dict[str, float]:
     """Routed-expert bytes the Pallas kernels copy per decode step, which XLA's cost analysis
     cannot see (zero where the experts run as XLA ops, e.g. CPU devices). Counted, not assumed.
 
@@ -517,9 +533,18 @@ def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
     if layout not in ("int4", "fp8") or not on_tpu or not cfg.num_moe_layers:
         return {"busiest": 0.0, "mean": 0.0, "flops": 0.0}
     mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    shards = math.prod(mesh_axes.get(a, 1) for a in rules.rules_for("decode")["experts"])
+    table = rules.rules_for(strategy)
+    # The split the MoE's shard_map uses: expert groups, and each expert's intermediate axis.
+    expert_axes, mlp_axes = expert_split(
+        cfg, layout, table["experts"], table["expert_mlp"], mesh_axes
+    )
+    shards = math.prod(mesh_axes.get(a, 1) for a in expert_axes)
+    inter = cfg.moe_intermediate_size // math.prod(mesh_axes[a] for a in mlp_axes)
     local = cfg.n_routed_experts // shards
-    tokens = max(batch // mesh_axes.get("data", 1), 1)  # decode: one token per sequence
+    # Decode: one token per sequence; a chip's MoE sees the batch less the token axes it does
+    # not gather (the token axes that split experts are gathered).
+    token_axes = [a for a in table["act_batch"] if a not in (*expert_axes, *mlp_axes)]
+    tokens = max(batch // math.prod(mesh_axes.get(a, 1) for a in token_axes), 1)
     k = cfg.num_experts_per_tok
     busiest = mean = pairs = 0.0
     for layer in range(cfg.num_moe_layers):
@@ -532,7 +557,7 @@ def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
                 expert_offset=d * local,
                 num_local=local,
                 hidden=cfg.hidden_size,
-                inter=cfg.moe_intermediate_size,
+                inter=inter,
                 group_size=cfg.quantization.group_size,
                 num_total=cfg.n_routed_experts,
                 layout=layout,
@@ -541,8 +566,9 @@ def _kernel_expert_bytes(cfg, mesh, batch: int) -> dict[str, float]:
         ]
         busiest += max(per_shard)
         mean += sum(per_shard) / shards
-    # Three matmuls of D x M per (token, expert) pair, on the busiest shard of each layer.
-    flops = pairs * 2 * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    # Three matmuls of D x M (this chip's slice of M) per (token, expert) pair, on the busiest
+    # shard of each layer.
+    flops = pairs * 2 * 3 * cfg.hidden_size * inter
     return {"busiest": busiest, "mean": mean, "flops": float(flops)}
 
 

@@ -14,6 +14,9 @@ prefill and decode from one copy without resharding between them:
 logical axis      mesh axes           parameters
 ================  ==================  ==================================================
 experts           (expert, tensor)    routed experts' INT4 payload and bf16 scales
+expert_mlp        (tensor,) decode    each routed expert's intermediate axis, where it divides
+                  and context_par.    into the kernel's slices (``moe.expert_split``); an axis
+                                      it takes splits the experts no more
 heads             (expert, tensor)    w_q_up (q_b), w_k_up + w_v_up (kv_b), w_o (o)
 mlp, shared_mlp   (expert, tensor)    dense-layer MLP, shared expert
 vocab             (expert, tensor)    embed, lm_head
@@ -27,7 +30,10 @@ rope slice of the queries and keys too and all-reduced the [S, heads] score part
 ``tensor`` (33 MB a layer at 256K positions), plus ~10 collective-permutes a layer for the
 latent's C|R slice that crosses shard boundaries. With this table a layer has exactly two
 all-reduces of [B, T, D]. The router split would add an all-gather of its logits per layer
-(~10 us of latency, ``sharding.topologies``) to save ~2 us of HBM reads on v5p.
+(~10 us of latency, ``sharding.topologies``) to save ~2 us of HBM reads on v5p. Splitting all
+three over their 7,168 inputs instead (a contraction split, partial outputs all-reduced) read
+1.75 GB less a step at batch 1 on v5p-64 but compiled to 429 all-reduces instead of 123
+(5.57 ms against 3.13 at the stated latency; docs/sharding.md).
 
 Expert stacks must divide exactly (refused otherwise, naming the sizes: 384 experts over 7
 devices); a dense weight whose dimension a rule's axes do not divide takes the largest ordered
@@ -56,7 +62,6 @@ Where each collective happens and its size: ``sharding``'s package docstring.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 
@@ -67,6 +72,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k2jax import model as k2model
 from k2jax.model.config import Config
+from k2jax.model.moe import dividing_axes, expert_split
 from k2jax.model.quant import layout_of
 from k2jax.serving import placement
 
@@ -95,6 +101,15 @@ _PARAMS: dict[str, tuple[str, ...]] = {
 # each device E / shards experts). Every other name takes the largest subset that divides.
 STRICT = frozenset({"experts"})
 
+# Small-batch decode: each routed expert's intermediate axis over ``tensor`` (where it divides
+# into whole kernel blocks, ``k2jax.model.moe.expert_split``), the experts over ``expert``.
+# The busiest chip then reads 1/tensor of each chosen expert of its group instead of whole
+# experts: at batch 1 the 8 chosen experts fall unevenly on 32 one-expert-group chips (~1.7 on
+# the busiest, K2 on v5p-64), while over 4 groups x 8 slices the busiest reads ~3.5 x 1/8.
+# Not for dp_attention: there a chip's tokens are its expert group's, and the same experts
+# would see tensor-times the rows (the activation copies that dominate at batch 512).
+_SPLIT_EXPERTS = {"expert_mlp": ("tensor",)}
+
 # Data-parallel attention: the batch and its page pool over (data, expert), so each chip
 # attends over its own sequences' pages and the slice holds data x expert times the tokens of
 # a replicated pool; the routed experts stay split over (expert, tensor) (not copied), the MoE
@@ -116,13 +131,21 @@ _DATA_PARALLEL_ATTENTION = {
 # every row over its own pages, and the shards' partial softmaxes are merged by log-sum-exp).
 _CONTEXT_PARALLEL = {
     **_PARAMS,
+    **_SPLIT_EXPERTS,
     "act_batch": (),
     "kv_pages": (),
     "kv_stripes": ("data", "expert", "tensor"),
 }
 
+
 STRATEGIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "decode": {**_PARAMS, "act_batch": ("data",), "kv_pages": (), "kv_stripes": ()},
+    "decode": {
+        **_PARAMS,
+        **_SPLIT_EXPERTS,
+        "act_batch": ("data",),
+        "kv_pages": (),
+        "kv_stripes": (),
+    },
     "prefill": {**_PARAMS, "act_batch": ("data", "expert"), "kv_pages": (), "kv_stripes": ()},
     "dp_attention": {**_DATA_PARALLEL_ATTENTION, "kv_stripes": ()},
     "context_parallel": _CONTEXT_PARALLEL,
@@ -207,18 +230,6 @@ def spec_for(
     return PartitionSpec(*parts)
 
 
-def dividing_axes(axes: tuple[str, ...], size: int, mesh_shape) -> tuple[str, ...]:
-    """The ordered subset of ``axes`` with the most devices whose product divides ``size``
-    (earliest first on ties); ``()`` when none does."""
-    best: tuple[str, ...] = ()
-    for k in range(len(axes), 0, -1):
-        for subset in itertools.combinations(axes, k):
-            ways = math.prod(mesh_shape[a] for a in subset)
-            if size % ways == 0 and ways > math.prod(mesh_shape[a] for a in best):
-                best = subset
-    return best
-
-
 def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -233,6 +244,12 @@ def param_specs(
     """A ``PartitionSpec`` for every parameter, as a tree shaped like the params (with the
     routed experts in ``expert_layout``, see ``k2jax.model.to_expert_layout``)."""
     rules = rules_for(strategy)
+    # The experts' split as the MoE's shard_map resolves it: an axis that splits each expert's
+    # intermediate axis does not split the stack too (and every array of a weight alike).
+    experts, expert_mlp = expert_split(
+        cfg, expert_layout, rules["experts"], rules["expert_mlp"], dict(mesh.shape)
+    )
+    rules = {**rules, "experts": experts, "expert_mlp": expert_mlp}
     axes = k2model.param_axes(cfg, dtype, expert_layout)
     shapes = k2model.abstract_params(cfg, dtype, expert_layout)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)

@@ -221,8 +221,13 @@ def test_full_k2_plan_compiles_for_tpu(topology, mesh, ways):
     assert r["mesh"]["data"] == 1 and r["mesh"]["expert"] * r["mesh"]["tensor"] == ways
     # The kernels' copies are counted for a stated routing, on the busiest shard per layer:
     # at batch 1 the 8 choices land on at most 8 shards, so the busiest copies at least one
-    # expert's INT4 payload per layer (24.8 MB) and at most 8; the mean is far below it.
-    per_expert, layers = 3 * (2048 * 7168 // 2 + 2048 * 7168 // 32 * 2), 60
+    # expert's INT4 payload per layer (24.8 MB) and at most 8; the mean is far below it. Where
+    # the decode table splits each expert's intermediate axis over tensor (into slices of at
+    # least 256 of its 2,048), a chip copies its slice of each: 1/tensor of an expert.
+    assert r["expert_split"] == {"experts": ["expert"], "intermediate": ["tensor"]}
+    slices = r["mesh"]["tensor"]
+    assert 2048 // slices >= 256
+    per_expert, layers = 3 * (2048 * 7168 // 2 + 2048 * 7168 // 32 * 2) // slices, 60
     experts = r["kernel_bytes_experts"]
     assert per_expert * layers <= experts <= 8 * per_expert * layers * 1.1
     assert r["kernel_bytes_experts_mean"] < experts

@@ -25,7 +25,9 @@ from sharding.mesh import make_mesh
 
 NEW = 12
 # 8 heads, so that 8 devices split them; the other tiny sizes (96, 64, 256) divide by 8 too.
-HEADS8 = {"num_attention_heads": 8, "num_key_value_heads": 8}
+# A 512-wide expert intermediate axis, so that the decode table's ``expert_mlp`` split over
+# tensor=2 leaves each chip 256 of it (the TPU kernel's smallest slice, k2jax.model.moe).
+HEADS8 = {"num_attention_heads": 8, "num_key_value_heads": 8, "moe_intermediate_size": 512}
 PROMPTS = reference.MIXED_PROMPTS
 # Every weight the decode table splits over (expert, tensor), by params path.
 SPLIT = [
@@ -98,6 +100,14 @@ def test_dense_weights_over_all_chips_give_the_one_device_tokens(checkpoint, one
     for path in SPLIT:
         leaf = _leaf(model.params, path)
         assert {s.data.nbytes for s in leaf.addressable_shards} == {leaf.nbytes // 8}, path
+    # The routed experts: 4 of the 16 a chip (expert=4), and of each the chip's half of the
+    # intermediate axis (tensor=2): gate/up's output columns, down's input groups.
+    experts = model.params["moe_layers"]["moe"]["experts"]
+    for name, axis in (("gate_values", -1), ("up_values", -1), ("down_values", 2)):
+        shapes = {s.data.shape for s in experts[name].addressable_shards}
+        assert {(shape[1], shape[axis]) for shape in shapes} == {
+            (4, experts[name].shape[axis] // 2)
+        }, name
     # q_a, kv_a and the router stay replicated (see sharding.rules for why).
     w_q_down = model.params["moe_layers"]["attn"]["w_q_down"]
     assert {s.data.nbytes for s in w_q_down.addressable_shards} == {w_q_down.nbytes}

@@ -7,16 +7,20 @@ UNbiased s of the chosen experts, normalized to sum 1 (+1e-20) when ``norm_topk_
 ``routed_scaling_factor``.
 
 Expert parallelism: when a mesh is set (``jax.set_mesh``) and the flax logical-axis rules map
-``experts`` to mesh axes, the routed experts run in a ``shard_map`` over those axes. Each device
-applies only its own E / n experts (``expert_offset``) to the tokens that chose them, and the
-partial outputs are combined by one collective (a psum, or a psum_scatter where the tokens are
-split over an expert axis too). Without a mesh or rules the plain single-device path runs. The
-model only reads the rules from the context; it never imports ``sharding``.
+``experts`` (and ``expert_mlp``) to mesh axes, the routed experts run in a ``shard_map`` over
+those axes. Each device applies only its own E / n experts (``expert_offset``), and of each only
+its slice of the intermediate axis where ``expert_mlp`` splits it (``expert_split``), to the
+tokens that chose them; the partial outputs (a down projection over a slice of the intermediate
+axis is a partial sum too) are combined by one collective (a psum, or a psum_scatter where the
+tokens are split over an expert axis too). Without a mesh or rules the plain single-device path
+runs. The model only reads the rules from the context; it never imports ``sharding``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -124,12 +128,65 @@ class Experts(nn.Module):
         gate = self._weight("gate", m, d, ("expert_mlp", "expert_embed"), stack_index)
         up = self._weight("up", m, d, ("expert_mlp", "expert_embed"), stack_index)
         down = self._weight("down", d, m, ("expert_embed", "expert_mlp"), stack_index)
-        expert_axes = mesh_axes("experts")
-        if not expert_axes:
+        expert_axes, mlp_axes = expert_split(
+            c,
+            gate.layout,
+            mesh_axes("experts"),
+            mesh_axes("expert_mlp"),
+            dict(jax.sharding.get_abstract_mesh().shape),
+        )
+        if not expert_axes and not mlp_axes:
             return routed_experts(
                 x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=expert_offset
             )
-        return _expert_parallel(x_TD, ids_TK, weights_TK, (gate, up, down), expert_axes, batch)
+        return _expert_parallel(
+            x_TD, ids_TK, weights_TK, (gate, up, down), expert_axes, mlp_axes, batch
+        )
+
+
+# The smallest slice of an expert's intermediate axis a shard may hold, by resident layout: the
+# TPU kernel's blocks are lane-dense only for 256-wide chunks of it (gate/up's output columns,
+# down's input chunks of 8 groups: ``int4_pallas.tiling``); FP8's flattened scale grid cannot
+# be sliced at all (None). Other layouts: one quantization group.
+_INTERMEDIATE_UNIT = {"int4": 256, "fp8": None}
+
+
+def expert_split(
+    cfg: Config,
+    layout: str,
+    expert_axes: tuple[str, ...],
+    mlp_axes: tuple[str, ...],
+    mesh_shape: Mapping[str, int],
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(mesh axes splitting the expert stack, mesh axes splitting each expert's intermediate
+    axis), from the rules' ``experts`` and ``expert_mlp`` axes. The intermediate axis takes the
+    largest subset of ``mlp_axes`` that leaves every shard whole units of it
+    (``_INTERMEDIATE_UNIT``); an axis it takes is no longer an expert axis. The params'
+    placement (``sharding.rules.param_specs``) and the MoE's shard_map both call this, so they
+    agree.
+
+    Why split an expert at all: at decode a chip holding whole experts reads every chosen one
+    of its share whole; with the intermediate axis split t ways, t chips share each expert's
+    reads, so the busiest chip reads ~1/t as much (K2 at batch 1 on v5p-64, docs/sharding.md),
+    at no extra collective (the down projection's partial sums join the MoE's one psum).
+    """
+    unit = _INTERMEDIATE_UNIT.get(layout, cfg.quantization.group_size or 1)
+    units = cfg.moe_intermediate_size // unit if unit else 0
+    mlp = tuple(a for a in mlp_axes if mesh_shape.get(a, 1) > 1)
+    mlp = dividing_axes(mlp, units, mesh_shape) if units else ()
+    return tuple(a for a in expert_axes if a not in mlp), mlp
+
+
+def dividing_axes(axes: tuple[str, ...], size: int, mesh_shape) -> tuple[str, ...]:
+    """The ordered subset of ``axes`` with the most devices whose product divides ``size``
+    (earliest first on ties); ``()`` when none does."""
+    best: tuple[str, ...] = ()
+    for k in range(len(axes), 0, -1):
+        for subset in itertools.combinations(axes, k):
+            ways = math.prod(mesh_shape[a] for a in subset)
+            if size % ways == 0 and ways > math.prod(mesh_shape[a] for a in best):
+                best = subset
+    return best
 
 
 def mesh_axes(logical: str) -> tuple[str, ...]:
@@ -143,17 +200,19 @@ def mesh_axes(logical: str) -> tuple[str, ...]:
 
 
 def _expert_parallel(
-    x_TD, ids_TK, weights_TK, weights: tuple[ExpertWeight, ...], expert_axes, batch
+    x_TD, ids_TK, weights_TK, weights: tuple[ExpertWeight, ...], expert_axes, mlp_axes, batch
 ):
-    """``routed_experts`` in a shard_map: each device its own experts, one combining collective.
+    """``routed_experts`` in a shard_map: each device its own experts (and its slice of their
+    intermediate axis over ``mlp_axes``), one combining collective.
 
     Tokens stay split as ``act_batch`` says where that divides them. Token axes that are also
-    expert axes (prefill) are all-gathered on the way in, since every expert shard must see every
-    token that may choose it, and reduce-scattered on the way out; the remaining expert axes are
-    summed with one psum (decode: the only collective).
+    expert (or intermediate) axes (prefill) are all-gathered on the way in, since every expert
+    shard must see every token that may choose it, and reduce-scattered on the way out; the
+    remaining axes are summed with one psum (decode: the only collective).
     """
     mesh = jax.sharding.get_abstract_mesh()
     total = weights[0].num_experts
+    split_axes = (*expert_axes, *mlp_axes)
     shards = math.prod(mesh.shape[a] for a in expert_axes)
     if total % shards:
         raise ValueError(
@@ -162,14 +221,14 @@ def _expert_parallel(
         )
     local = total // shards
     token_axes = mesh_axes("act_batch")
-    gathered = tuple(a for a in token_axes if a in expert_axes)
+    gathered = tuple(a for a in token_axes if a in split_axes)
     # Gathering is only contiguous when the gathered axes are the minor end of the token split.
     if (
         batch % math.prod(mesh.shape[a] for a in token_axes)
         or token_axes[len(token_axes) - len(gathered) :] != gathered
     ):
         token_axes, gathered = (), ()
-    summed = tuple(a for a in expert_axes if a not in gathered)
+    summed = tuple(a for a in split_axes if a not in gathered)
     tok = PartitionSpec(token_axes or None)
 
     def body(x_TD, ids_TK, weights_TK, gate, up, down):
@@ -178,7 +237,7 @@ def _expert_parallel(
                 jax.lax.all_gather(a, gathered, axis=0, tiled=True)
                 for a in (x_TD, ids_TK, weights_TK)
             )
-        offset = jax.lax.axis_index(expert_axes) * local
+        offset = jax.lax.axis_index(expert_axes) * local if expert_axes else 0
         y_TD = routed_experts(
             x_TD, ids_TK, weights_TK, gate, up, down, expert_offset=offset, num_experts_total=total
         )
@@ -190,10 +249,18 @@ def _expert_parallel(
 
     # check_vma=False: routed_experts may branch (lax.cond) on data whose per-device variance the
     # checker cannot match across branches; the psum / psum_scatter above are explicit anyway.
-    # Each weight pytree (payload + scales, any layout) is split on its expert axis
-    # (``ExpertWeight.shard_spec``), matching the params' own sharding, so nothing is resharded
-    # at the boundary.
-    in_specs = (tok, tok, tok, *(w.shard_spec(expert_axes) for w in weights))
+    # Each weight pytree (payload + scales, any layout) is split on its expert axis and the
+    # intermediate axis (``ExpertWeight.shard_spec``), matching the params' own sharding, so
+    # nothing is resharded at the boundary.
+    gate, up, down = weights
+    in_specs = (
+        tok,
+        tok,
+        tok,
+        gate.shard_spec(expert_axes, out_axes=mlp_axes),
+        up.shard_spec(expert_axes, out_axes=mlp_axes),
+        down.shard_spec(expert_axes, in_axes=mlp_axes),
+    )
     return jax.shard_map(body, in_specs=in_specs, out_specs=tok, check_vma=False)(
         x_TD, ids_TK, weights_TK, *weights
     )

@@ -75,9 +75,13 @@ class ExpertWeight(Protocol):
     def device_bytes(self) -> int:
         """Bytes the payload and the scales occupy on their devices."""
 
-    def shard_spec(self, expert_axes: tuple[str, ...]) -> ExpertWeight:
-        """PartitionSpecs (same pytree) splitting the expert axis over ``expert_axes``; the
-        layer axis of a stack is never split and the layer index is replicated."""
+    def shard_spec(
+        self, expert_axes: tuple[str, ...], out_axes: tuple[str, ...] = (), in_axes=()
+    ) -> ExpertWeight:
+        """PartitionSpecs (same pytree) splitting the expert axis over ``expert_axes`` and the
+        output / input axis of each expert over ``out_axes`` / ``in_axes`` (the intermediate
+        axis of gate and up / of down, ``k2jax.model.moe.expert_split``); the layer axis of a
+        stack is never split and the layer index is replicated."""
 
     @classmethod
     def param_names(cls, proj: str) -> tuple[str, str]:
@@ -91,8 +95,10 @@ def _device_bytes(*arrays) -> int:
     return sum(a.on_device_size_in_bytes() for a in arrays)
 
 
-def _stack_spec(w, expert_axes: tuple[str, ...]) -> PartitionSpec:
-    return PartitionSpec(expert_axes) if w.layer is None else PartitionSpec(None, expert_axes)
+def _stack_spec(w, expert_axes: tuple[str, ...], *rest: tuple[str, ...]) -> PartitionSpec:
+    """[(L,) E, *rest]: the experts over ``expert_axes``, each later axis over its entry."""
+    lead = (expert_axes or None,) if w.layer is None else (None, expert_axes or None)
+    return PartitionSpec(*lead, *(axes or None for axes in rest))
 
 
 @jax.tree_util.register_dataclass
@@ -149,8 +155,9 @@ class QuantizedWeight:
     def device_bytes(self) -> int:
         return _device_bytes(self.packed, self.scale)
 
-    def shard_spec(self, expert_axes: tuple[str, ...]) -> QuantizedWeight:
-        spec = _stack_spec(self, expert_axes)
+    def shard_spec(self, expert_axes, out_axes=(), in_axes=()) -> QuantizedWeight:
+        # packed [E, O, I/8] and scale [E, O, I/G] split alike: whole groups per shard.
+        spec = _stack_spec(self, expert_axes, out_axes, in_axes)
         return QuantizedWeight(
             spec, spec, self.group_size, None if self.layer is None else PartitionSpec()
         )
@@ -198,9 +205,9 @@ class _ValuesAndScale:
     def device_bytes(self) -> int:
         return _device_bytes(self.values, self.scale)
 
-    def shard_spec(self, expert_axes: tuple[str, ...]):
-        spec = _stack_spec(self, expert_axes)
-        return type(self)(spec, spec, None if self.layer is None else PartitionSpec())
+    def shard_spec(self, expert_axes, out_axes=(), in_axes=()):
+        values, scale = self._split_specs(expert_axes, out_axes, in_axes)
+        return type(self)(values, scale, None if self.layer is None else PartitionSpec())
 
     @classmethod
     def param_names(cls, proj: str) -> tuple[str, str]:
@@ -237,6 +244,13 @@ class Int4Weight(_ValuesAndScale):
     @property
     def group_size(self) -> int:
         return self.values.shape[-2]
+
+    def _split_specs(self, expert_axes, out_axes, in_axes):
+        # values [E, G, S, O] (G over the inputs) and scale [E, G, O].
+        return (
+            _stack_spec(self, expert_axes, in_axes, (), out_axes),
+            _stack_spec(self, expert_axes, in_axes, out_axes),
+        )
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         if self.layer is not None:
@@ -283,6 +297,17 @@ class Fp8Weight(_ValuesAndScale):
     @property
     def shape(self) -> tuple[int, ...]:
         return self.values.shape if self.layer is None else self.values.shape[1:]
+
+    def _split_specs(self, expert_axes, out_axes, in_axes):
+        if out_axes or in_axes:
+            # The scale grid is flattened per expert ([E, 1, rows * cols]): a slice of the
+            # values has no matching slice of it.
+            raise ValueError(
+                "FP8 experts cannot be split inside an expert (the scale grid is "
+                "flattened); split them over the expert axis only"
+            )
+        spec = _stack_spec(self, expert_axes)
+        return spec, spec
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """Each value times its block's scale in float32 (DeepSeek's ``weight_dequant``), then
@@ -349,9 +374,10 @@ class DenseWeight:
     def device_bytes(self) -> int:
         return _device_bytes(self.values)
 
-    def shard_spec(self, expert_axes: tuple[str, ...]) -> DenseWeight:
+    def shard_spec(self, expert_axes, out_axes=(), in_axes=()) -> DenseWeight:
         return DenseWeight(
-            _stack_spec(self, expert_axes), None if self.layer is None else PartitionSpec()
+            _stack_spec(self, expert_axes, out_axes, in_axes),
+            None if self.layer is None else PartitionSpec(),
         )
 
     @classmethod
@@ -463,9 +489,9 @@ class FloatWeight:
     def device_bytes(self) -> int:
         return _device_bytes(self.values)
 
-    def shard_spec(self, expert_axes: tuple[str, ...]) -> FloatWeight:
+    def shard_spec(self, expert_axes, out_axes=(), in_axes=()) -> FloatWeight:
         return FloatWeight(
-            _stack_spec(self, expert_axes),
+            _stack_spec(self, expert_axes, out_axes, in_axes),
             self.fake_quant_group,
             None if self.layer is None else PartitionSpec(),
         )
