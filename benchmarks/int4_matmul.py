@@ -98,7 +98,7 @@ def _tpu_formulations(o, i, b):
         ),
         "pallas kernel (+kernel)": (
             lambda x, q, s: int4_pallas.grouped_int4_matmul(
-                jnp.swapaxes(jnp.pad(x, ((0, -b % 8), (0, 0))).reshape(-1, g, GS), 0, 1),
+                jnp.pad(x, ((0, -b % 8), (0, 0))),
                 jnp.zeros(((b + 7) // 8,), jnp.int32),
                 jnp.array([(b + 7) // 8], jnp.int32),
                 q,

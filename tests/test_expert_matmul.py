@@ -175,9 +175,8 @@ def test_pallas_kernel_exact_per_projection(experts):
         inp = dense.shape[2]
         tile_expert = np.array([4, 0, 0, 2], np.int32)  # tile 3 is past num_tiles: skipped
         x = rng.standard_normal((32, inp)).astype(ml_dtypes.bfloat16)
-        x_grs = jnp.asarray(x).reshape(32, inp // GS, GS).swapaxes(0, 1)
         out = int4_pallas.grouped_int4_matmul(
-            x_grs,
+            jnp.asarray(x),
             jnp.asarray(tile_expert),
             jnp.array([3], jnp.int32),
             w4.values,

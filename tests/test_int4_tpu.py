@@ -220,7 +220,7 @@ def test_pallas_compiles_for_k2_shapes(mesh):
     sh = jax.sharding.SingleDeviceSharding(dev)
     for inp, out, rows, tm in ((D, M, 64, 8), (M, D, 64, 8), (D, M, 1024, 128), (M, D, 1024, 128)):
         args = (
-            jax.ShapeDtypeStruct((inp // GS, rows, GS), jnp.bfloat16, sharding=sh),
+            jax.ShapeDtypeStruct((rows, inp), jnp.bfloat16, sharding=sh),
             jax.ShapeDtypeStruct((rows // tm,), jnp.int32, sharding=sh),
             jax.ShapeDtypeStruct((1,), jnp.int32, sharding=sh),
             jax.ShapeDtypeStruct((96, inp // GS, GS, out), jnp.int4, sharding=sh),

@@ -6,6 +6,11 @@ docs/int4.md). This kernel reads each chosen expert's INT4 tiles and scales stra
 
 - rows (token copies, sorted by expert) come in tiles of ``tm`` rows, each tile owned by one
   expert (``tile_expert``, scalar-prefetched so the weight BlockSpec can index by it);
+- the activations come row-major, ``x [R, I]``, as the caller has them: a block is
+  ``(tm, tk)`` and each group's 32 columns are a static lane slice of it inside the kernel.
+  (Before, x came group-major ``[G, R, S]`` so a group was a whole block; making it was a
+  transpose whose 32-wide minor axis XLA:TPU pads to 128 lanes: for K2 at batch 512 on
+  v5p-64 the largest op of a MoE layer, 4x the activation bytes, once per call.)
 - the weight layout is input-major ``int4 [E, G, S, O]`` with scales ``bf16 [E, G, O]``
   (``Int4Weight.values_EGSO``), so a group's scale is broadcast along sublanes, which is cheap,
   instead of along lanes, which Mosaic cannot reshape;
@@ -65,7 +70,8 @@ class Tiling:
 
 
 def tiling(x_shape, values_shape, *, tm: int, tn: int | None = None, tk: int | None = None):
-    """The grid and blocks for x [G, R, S] against values [(L,) E, G, S, O].
+    """The grid and blocks for x [R, G * S] (``x_shape`` names it (G, R, S): its groups, rows
+    and group size) against values [(L,) E, G, S, O].
 
     The output-column axis is outermost and the input-chunk axis innermost. At decode (8-row
     tiles) the input is cut into 1024-wide chunks; with 128-row prefill tiles it is whole
@@ -97,9 +103,8 @@ def tiling(x_shape, values_shape, *, tm: int, tn: int | None = None, tk: int | N
 
     def x_map(j, i, k, te, nt, ly):
         return (
-            jnp.where(live(i, nt), k, last_k),
             jnp.where(live(i, nt), i, jnp.maximum(nt[0] - 1, 0)),
-            0,
+            jnp.where(live(i, nt), k, last_k),
         )
 
     # A shard with no rows at all keeps one output column block too, so it copies one block
@@ -117,7 +122,7 @@ def tiling(x_shape, values_shape, *, tm: int, tn: int | None = None, tk: int | N
         ki = jnp.where(live(i, nt), k, last_k)
         return *((ly[0],) if stacked else ()), te[i], ki, col(j, nt)
 
-    x_block, w_block, s_block = (gk, tm, size), (*lead, None, gk, size, tn), (*lead, None, gk, tn)
+    x_block, w_block, s_block = (tm, tk), (*lead, None, gk, size, tn), (*lead, None, gk, tn)
     return Tiling(
         grid=(out // tn, rows // tm, inp // tk),
         tn=tn,
@@ -166,10 +171,11 @@ def _kernel(tile_expert_ref, num_tiles_ref, layer_ref, x_ref, q_ref, s_ref, o_re
         # scaled after in f32: a bf16 product q * scale would round (it needs up to 12 mantissa
         # bits). The activations' dtype sets the matmul's: bf16, or f32 for exact parity runs.
         acc = acc_ref[...]
+        size = q_ref.shape[1]
         for g in range(q_ref.shape[0]):
-            part = jnp.dot(
-                x_ref[g], q_ref[g].astype(x_ref.dtype), preferred_element_type=jnp.float32
-            )
+            # Group g's columns of the row-major block: a static lane slice.
+            x_g = x_ref[:, g * size : (g + 1) * size]
+            part = jnp.dot(x_g, q_ref[g].astype(x_ref.dtype), preferred_element_type=jnp.float32)
             acc += part * s_ref[g : g + 1, :].astype(jnp.float32)
         acc_ref[...] = acc
 
@@ -179,7 +185,7 @@ def _kernel(tile_expert_ref, num_tiles_ref, layer_ref, x_ref, q_ref, s_ref, o_re
 
 
 def grouped_int4_matmul(
-    x_GRS: jax.Array,
+    x_RI: jax.Array,
     tile_expert: jax.Array,
     num_tiles: jax.Array,
     values_EGSO: jax.Array,
@@ -202,7 +208,7 @@ def grouped_int4_matmul(
     if (layer is None) != (values_EGSO.ndim == 4):
         raise ValueError(f"layer={layer!r} with values of shape {values_EGSO.shape}")
     layer_1 = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-    args = (x_GRS, tile_expert, num_tiles, layer_1, values_EGSO, scale_EGO)
+    args = (x_RI, tile_expert, num_tiles, layer_1, values_EGSO, scale_EGO)
     if interpret is None:
         interpret = False if _compiling_for_tpu() else interpret_params()
     return _grouped_int4_matmul(*args, tm=tm, tn=tn, tk=tk, interpret=interpret)
@@ -219,7 +225,7 @@ def _compiling_for_tpu() -> bool:
 
 @functools.partial(jax.jit, static_argnames=("tm", "tn", "tk", "interpret"))
 def _grouped_int4_matmul(
-    x_GRS: jax.Array,
+    x_RI: jax.Array,
     tile_expert: jax.Array,
     num_tiles: jax.Array,
     layer_1: jax.Array,
@@ -231,23 +237,19 @@ def _grouped_int4_matmul(
     tk: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """out[r, o] = sum_gs x[g, r, s] * values[l, e, g, s, o] * scale[l, e, g, o], with
+    """out[r, o] = sum_gs x[r, g S + s] * values[l, e, g, s, o] * scale[l, e, g, o], with
     e = tile_expert[r // tm] and l = layer_1[0] (both scalar-prefetched into the index maps);
     for one layer's values [E, G, S, O] / scales [E, G, O] the l index is dropped.
 
-    x_GRS: bf16 or f32 [G, R, S], the rows (sorted by expert, each expert's rows padded to a
-    multiple of ``tm``) with the input axis split into groups and moved first, so a group is a
-    whole block;
+    x_RI: bf16 or f32 [R, I], the rows (sorted by expert, each expert's rows padded to a
+    multiple of ``tm``), row-major;
     tile_expert: int32 [R / tm]; num_tiles: int32 [1], tiles from there on are skipped (their
     output is zero). Returns float32 [R, O].
     """
-    groups, rows, size = x_GRS.shape
-    assert values_LEGSO.shape[-3:-1] == (groups, size) and rows % tm == 0, (
-        x_GRS.shape,
-        values_LEGSO.shape,
-        tm,
-    )
-    plan = tiling(x_GRS.shape, values_LEGSO.shape, tm=tm, tn=tn, tk=tk)
+    rows, inp = x_RI.shape
+    groups, size = values_LEGSO.shape[-3:-1]
+    assert groups * size == inp and rows % tm == 0, (x_RI.shape, values_LEGSO.shape, tm)
+    plan = tiling((groups, rows, size), values_LEGSO.shape, tm=tm, tn=tn, tk=tk)
     (x_block, x_map), (w_block, w_map), (s_block, s_map) = plan.in_specs
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -269,4 +271,4 @@ def _grouped_int4_matmul(
             vmem_limit_bytes=VMEM_LIMIT_BYTES,
         ),
         interpret=interpret,
-    )(tile_expert, num_tiles, layer_1, x_GRS, values_LEGSO, scale_LEGO)
+    )(tile_expert, num_tiles, layer_1, x_RI, values_LEGSO, scale_LEGO)

@@ -391,13 +391,11 @@ def _pallas(
     _require_layout("pallas", "int4", gate, up, down)
 
     def project(x_RI, w, tiles):
-        groups, size = w.values.shape[-3:-1]
         # bf16 activations feed the MXU at full rate; a float32 model keeps float32 (exact).
         act = jnp.float32 if x_TD.dtype == jnp.float32 else jnp.bfloat16
-        x_GRS = jnp.swapaxes(x_RI.astype(act).reshape(-1, groups, size), 0, 1)
 
         return int4_pallas.grouped_int4_matmul(
-            x_GRS,
+            x_RI.astype(act),
             tiles.tile_expert,
             tiles.num_tiles.reshape(1),
             w.values,  # a layer stack when w.layer is set: indexed in the kernel, not copied
