@@ -118,8 +118,10 @@ def test_an_expert_shard_takes_its_pairs_in_passes_of_its_expected_share(experts
     its arrays hold passes of 2x that (``pass_capacity``), not every pair of the batch: the
     largest [rows, D] array is smaller than the pairs. Routing skewed onto this shard (every
     pair local: many passes) and routing that leaves it nearly idle: ``words_tiled`` (float32)
-    equals the float64 reference; ``pallas`` (bf16 activations) equals, bit for bit, its own
-    one-pass result, which test_formulations_match_float32_reference checks against it."""
+    equals the float64 reference; ``pallas`` (bf16 activations) equals its own one-pass result,
+    which test_formulations_match_float32_reference checks against it, to float32 rounding
+    (the passes add onto the tokens one after another, one pass in one one-hot matmul: the
+    same products summed in another order)."""
     weights, dense = experts
     if impl == "pallas":
         weights = tuple(to_int4_layout(w) for w in weights)
@@ -138,8 +140,10 @@ def test_an_expert_shard_takes_its_pairs_in_passes_of_its_expected_share(experts
 
         if impl == "pallas":
             x_bf16 = jnp.asarray(x.astype(ml_dtypes.bfloat16).astype(np.float32))
-            one_pass = run(x_bf16, total=None)  # every pair in one pass
-            np.testing.assert_array_equal(np.asarray(run(x_bf16)), np.asarray(one_pass))
+            one_pass = np.asarray(run(x_bf16, total=None), np.float64)  # every pair in one pass
+            scale = np.abs(one_pass).max() + 1e-30
+            passes = np.asarray(run(x_bf16), np.float64)
+            np.testing.assert_allclose(passes / scale, one_pass / scale, atol=2e-6, rtol=0)
             continue
         y = run(jnp.asarray(x))
         ref = _reference(x, ids, wts, dense, offset)
