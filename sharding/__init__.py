@@ -24,9 +24,10 @@ over them awaiting a reduction. Sizes are what one chip sends, ring algorithm, f
 - dense MLP (layer 0) and shared expert: ``h[B_d, F_N] . w_down[F_N, D] -> {U_N}``. In MoE
   layers XLA merges this all-reduce with the routed experts' (same devices, same shape).
 - routed experts (``k2jax.model.moe``, a ``shard_map``): the router runs replicated; each chip
-  applies its E/N experts to the tokens that chose them; ``y[B_d, D] {U_N}``: AllReduce_N,
-  the layer's second and last collective. Prefill (tokens over (data, expert)): AllGather_e of
-  the tokens in, ReduceScatter_e + AllReduce_t out.
+  applies its E/N experts (under ``decode`` / ``context_parallel``: its E/e experts' 1/t slices
+  of the intermediate axis, ``expert_mlp``) to the tokens that chose them;
+  ``y[B_d, D] {U_N}``: AllReduce_N, the layer's second and last collective. Prefill (tokens
+  over (data, expert)): AllGather_e of the tokens in, ReduceScatter_e + AllReduce_t out.
 - lm_head: ``logits[B_d, V_N]``, local; gathered only where the caller asks for whole logits.
 
 So a decode step is 2 x 61 + 1 = 123 all-reduces of B/d x 14 KB each (K2, N > 1), which the
