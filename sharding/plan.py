@@ -146,7 +146,15 @@ def plan(
         if compiled is not None
         else (0.0, 0.0, 0.0)
     )
-    kernel = _kernel_expert_bytes(cfg, mesh, batch, strategy) if compiled is not None else {}
+    table = rules.rules_for(strategy)
+    # The mesh axes the routed experts' stack and each expert's intermediate axis are split over,
+    # as the MoE's shard_map resolves them (``k2jax.model.moe.expert_split``).
+    split_axes = expert_split(
+        cfg, _expert_layout(cfg, mesh), table["experts"], table["expert_mlp"], dict(mesh_sizes)
+    )
+    kernel = {}
+    if compiled is not None:
+        kernel = _kernel_expert_bytes(cfg, mesh, batch, split_axes, table)
     attention = (
         _kernel_attention_bytes(cfg, mesh, strategy, batch, context, page_size, dtype)
         if compiled is not None
@@ -184,21 +192,7 @@ def plan(
         "kernel_bytes_experts": kernel.get("busiest", 0.0),
         "kernel_bytes_experts_mean": kernel.get("mean", 0.0),
         "kernel_bytes_attention": attention,
-        # The mesh axes the routed experts' stack and each expert's intermediate axis are
-        # split over (``k2jax.model.moe.expert_split``).
-        "expert_split": dict(
-            zip(
-                ("experts", "intermediate"),
-                expert_split(
-                    cfg,
-                    _expert_layout(cfg, mesh),
-                    rules.rules_for(strategy)["experts"],
-                    rules.rules_for(strategy)["expert_mlp"],
-                    dict(mesh_sizes),
-                ),
-                strict=True,
-            )
-        ),
+        "expert_split": dict(zip(("experts", "intermediate"), split_axes, strict=True)),
         "kernel_routing": f"uniform random top-{cfg.num_experts_per_tok}, seed "
         f"{ROUTING_SEED} + layer; busiest expert shard per layer",
         "step_time_lower_bound_s": accessed / bandwidth if bandwidth and accessed else None,
@@ -513,7 +507,7 @@ def _kernel_attention_bytes(cfg, mesh, strategy, batch, context, page_size, dtyp
     return float((read + written) * cfg.num_layers)
 
 
-def _kernel_expert_bytes(cfg, mesh, batch: int, strategy: str) -> dict[str, float]:
+def _kernel_expert_bytes(cfg, mesh, batch: int, split_axes, table) -> dict[str, float]:
     """Routed-expert bytes the Pallas kernels copy per decode step, which XLA's cost analysis
     cannot see (zero where the experts run as XLA ops, e.g. CPU devices). Counted, not assumed.
 
@@ -522,7 +516,8 @@ def _kernel_expert_bytes(cfg, mesh, batch: int, strategy: str) -> dict[str, floa
     shard the kernels' block copies are counted from their own index maps
     (``k2jax.model.expert_matmul.pallas_reads``). Each layer's combining collective waits for
     its busiest shard, so ``busiest`` sums the per-layer maximum over shards (the critical
-    path); ``mean`` sums the per-layer mean.
+    path); ``mean`` sums the per-layer mean. ``split_axes``: (the axes splitting the expert
+    stack, those splitting each expert's intermediate axis); ``table``: the strategy's rules.
     """
     import numpy as np
 
@@ -533,11 +528,7 @@ def _kernel_expert_bytes(cfg, mesh, batch: int, strategy: str) -> dict[str, floa
     if layout not in ("int4", "fp8") or not on_tpu or not cfg.num_moe_layers:
         return {"busiest": 0.0, "mean": 0.0, "flops": 0.0}
     mesh_axes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    table = rules.rules_for(strategy)
-    # The split the MoE's shard_map uses: expert groups, and each expert's intermediate axis.
-    expert_axes, mlp_axes = expert_split(
-        cfg, layout, table["experts"], table["expert_mlp"], mesh_axes
-    )
+    expert_axes, mlp_axes = split_axes
     shards = math.prod(mesh_axes.get(a, 1) for a in expert_axes)
     inter = cfg.moe_intermediate_size // math.prod(mesh_axes[a] for a in mlp_axes)
     local = cfg.n_routed_experts // shards

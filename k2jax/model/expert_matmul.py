@@ -285,7 +285,8 @@ def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project,
         # Each pair's token and mixing weight (padding entries name pair P: token t, weight 0).
         token_C = order_C // k
         w_C = jnp.take(weights_P, order_C, mode="fill", fill_value=0)
-        if dispatch_by_matmul(t, tiles.rows):
+        by_matmul = dispatch_by_matmul(t, tiles.rows)
+        if by_matmul:
             # Row r holds token token_R[r] (t: a padding row): one-hot [R, T] in the
             # activations' dtype, exact (each product is x or 0, summed in float32).
             token_R = jnp.full((tiles.rows,), t, jnp.int32)
@@ -301,7 +302,7 @@ def _run_tiled(x_TD, local_TK, mine_TK, weights_TK, gate, up, down, tm, project,
             x_RD = x_RD.at[tiles.row_sorted].set(x_CD, mode="drop")
         h_RM = _swiglu(project(x_RD, gate, tiles), project(x_RD, up, tiles))
         y_RD = project(h_RM.astype(x_TD.dtype), down, tiles)
-        if dispatch_by_matmul(t, tiles.rows):
+        if by_matmul:
             # Each row's output weighted, rounded to the activations' dtype as an expert's
             # output is, and summed onto its token in float32 by the transposed one-hot.
             yw_RD = (y_RD.astype(f32) * w_R[:, None]).astype(x_TD.dtype)
