@@ -17,24 +17,26 @@ over them awaiting a reduction. Sizes are what one chip sends, ring algorithm, f
 
 - embedding, once: ``take(embed[V_N, D], tok[B_d]) -> x[B_d, D] {U_N}``: AllReduce_N of
   B/d x D values (14 KB a sequence; 2 x 14 KB x (N-1)/N sent).
-- attention, per layer: q_a and kv_a are replicated, so the queries' low-rank state and the
-  cached latent are computed on every chip with no communication (every chip writes the same
-  latent pool); ``q[B_d, heads_N, K]`` and the attention over the pool are local;
+- attention, per layer: q_a and kv_a are split over their inputs (``down_in``):
+  ``x[B_d, D_N] . [w_q_down | w_kv_down][D_N, 2112] -> {U_N}``, AllReduce_N of B/d x 2,112
+  float32 values (8.4 KB a sequence), after which the queries' low-rank state and the cached
+  latent are on every chip (every chip writes the same latent pool); ``q[B_d, heads_N, K]``
+  and the attention over the pool are local;
   ``out[B_d, heads_N, U] . w_o[heads_N, U, D] -> y[B_d, D] {U_N}``: AllReduce_N of B/d x D.
 - dense MLP (layer 0) and shared expert: ``h[B_d, F_N] . w_down[F_N, D] -> {U_N}``. In MoE
   layers XLA merges this all-reduce with the routed experts' (same devices, same shape).
 - routed experts (``k2jax.model.moe``, a ``shard_map``): the router runs replicated; each chip
   applies its E/N experts (under ``decode`` / ``context_parallel``: its E/e experts' 1/t slices
   of the intermediate axis, ``expert_mlp``) to the tokens that chose them;
-  ``y[B_d, D] {U_N}``: AllReduce_N, the layer's second and last collective. Prefill (tokens
+  ``y[B_d, D] {U_N}``: AllReduce_N, the layer's third and last collective. Prefill (tokens
   over (data, expert)): AllGather_e of the tokens in, ReduceScatter_e + AllReduce_t out.
 - lm_head: ``logits[B_d, V_N]``, local; gathered only where the caller asks for whole logits.
 
-So a decode step is 2 x 61 + 1 = 123 all-reduces of B/d x 14 KB each (K2, N > 1), which the
-plan reads back from the compiled program (``ici_bytes``, ``ici_ops``). At batch 1 that is
-~3.5 MB sent per chip per step: latency-bound (123 x the stated 10 us = 1.2 ms), not
-bandwidth-bound. At batch 512 it is ~1.7 GB a step: ~3 ms at v5p's 600 GB/s one way.
-Under ``decode`` the latent pool is replicated on every chip.
+So a decode step is 3 x 61 + 1 = 184 all-reduces (K2, N > 1), which the plan reads back from
+the compiled program (``ici_bytes``, ``ici_ops``). At batch 1 that is ~4.5 MB sent per chip
+per step: latency-bound (184 x the stated 10 us = 1.8 ms), not bandwidth-bound; the q_a/kv_a
+all-reduce a layer (0.6 ms) buys 1.84 GB less read (0.67 ms of v5p HBM). Under ``decode`` the
+latent pool is replicated on every chip.
 
 ``dp_attention`` (batch and page pool over (data, expert) = n shards, heads over tensor): each
 chip writes and attends over only its batch shard's pages (no communication for the cache);
@@ -48,7 +50,7 @@ reduce-scatters a step, 0.88 GB sent per chip.
 the batch whole): per layer, the queries ``[B, heads, 576]`` are all-gathered over the head
 axes (one AllGather_N, 74 KB a sequence), each chip attends over its own pages, and the partial
 results merge by log-sum-exp: AllMax_N of ``[B, heads]`` and AllReduce_N of
-``[B, heads, kv_lora + 1]`` (131 KB a sequence). Measured on v5p-64 (1,32,1, batch 1, 262,144
-positions): 245 all-reduces (4 a layer + 1) and 61 all-gathers a step, 23 MB sent per chip:
-latency-bound (3.1 ms at the stated 10 us each).
+``[B, heads, kv_lora + 1]`` (131 KB a sequence), beside ``decode``'s three all-reduces a
+layer. Measured on v5p-64 (1,4,8, batch 1, 262,144 positions): 306 all-reduces (5 a layer +
+1) and 61 all-gathers a step: latency-bound (3.7 ms at the stated 10 us each).
 """

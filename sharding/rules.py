@@ -20,20 +20,30 @@ expert_mlp        (tensor,) decode    each routed expert's intermediate axis, wh
 heads             (expert, tensor)    w_q_up (q_b), w_k_up + w_v_up (kv_b), w_o (o)
 mlp, shared_mlp   (expert, tensor)    dense-layer MLP, shared expert
 vocab             (expert, tensor)    embed, lm_head
-everything else   replicated          w_q_down (q_a), w_kv_down (kv_a), router, norms
+down_in           (expert, tensor)    w_q_down (q_a) and w_kv_down (kv_a) over their 7,168
+                  decode and          inputs: a contraction split whose two partial outputs
+                  context_par.        are summed by one psum a layer
+everything else   replicated          router, norms
 ================  ==================  ==================================================
 
-What stays replicated, and why (K2: 30 MB of q_a + kv_a and 5.5 MB of router a layer, 2.2 GB
-a chip in all). Splitting q_a (over q_lora, with heads over ``expert`` and the per-head dims over
-``tensor``) and kv_a (over its 576 outputs) was compiled and measured: XLA:TPU then sharded the
-rope slice of the queries and keys too and all-reduced the [S, heads] score partials over
-``tensor`` (33 MB a layer at 256K positions), plus ~10 collective-permutes a layer for the
-latent's C|R slice that crosses shard boundaries. With this table a layer has exactly two
-all-reduces of [B, T, D]. The router split would add an all-gather of its logits per layer
-(~10 us of latency, ``sharding.topologies``) to save ~2 us of HBM reads on v5p. Splitting all
-three over their 7,168 inputs instead (a contraction split, partial outputs all-reduced) read
-1.75 GB less a step at batch 1 on v5p-64 but compiled to 429 all-reduces instead of 123
-(5.57 ms against 3.13 at the stated latency; docs/sharding.md).
+q_a and kv_a (K2: 30 MB a layer, 1.84 GB a chip when whole) are split over their inputs under
+``decode`` and ``context_parallel`` (``MLAttention._down_projections``: each device multiplies
+its slice of x, which stays whole, by its rows of both weights, and one float32 psum of the
+concatenated partials joins them). Measured on v5p-64 (K2, batch 1, 8K, expert=4, tensor=8):
+4.69 -> 2.83 GB read a step, 123 -> 184 all-reduces, 2.93 -> 2.87 ms at the stated 10 us a
+collective. Left to XLA's partitioner (the weights' input axis named, plain einsums), the same
+split compiled to 429 all-reduces (5.57 ms): the x slice the weights asked for propagated
+back into the residual stream, and every norm and the router took an all-reduce of its own.
+Not under ``dp_attention``: there the weights are split over ``tensor`` only, and a collective
+a layer costs more than the half of 1.84 GB it would save.
+
+What stays replicated, and why: the router (5.5 MB a layer, 0.33 GB a chip) and the norms.
+The router's logits need the whole input before top-k; a split would add a collective a
+layer (~10 us of latency, ``sharding.topologies``) to save ~2 us of HBM reads on v5p. (Splitting
+q_a over q_lora and kv_a over its 576 outputs instead was also measured: XLA:TPU then sharded
+the rope slice of the queries and keys too and all-reduced the [S, heads] score partials over
+``tensor``, 33 MB a layer at 256K positions, plus ~10 collective-permutes a layer for the
+latent's C|R slice that crosses shard boundaries.)
 
 Expert stacks must divide exactly (refused otherwise, naming the sizes: 384 experts over 7
 devices); a dense weight whose dimension a rule's axes do not divide takes the largest ordered
@@ -82,6 +92,7 @@ _PARAMS: dict[str, tuple[str, ...]] = {
     "layers": (),
     "vocab": ("expert", "tensor"),
     "embed": (),
+    "down_in": (),
     "q_lora": (),
     "kv_lora_rope": (),
     "kv_lora": (),
@@ -110,6 +121,11 @@ STRICT = frozenset({"experts"})
 # would see tensor-times the rows (the activation copies that dominate at batch 512).
 _SPLIT_EXPERTS = {"expert_mlp": ("tensor",)}
 
+# Small-batch decode: q_a's and kv_a's 7,168 inputs over every weight axis (a contraction
+# split; MLAttention._down_projections sums both partial outputs in one psum a layer). At
+# batch 1 on v5p-64 every chip otherwise reads the same 1.84 GB of them a step.
+_SPLIT_DOWN = {"down_in": ("expert", "tensor")}
+
 # Data-parallel attention: the batch and its page pool over (data, expert), so each chip
 # attends over its own sequences' pages and the slice holds data x expert times the tokens of
 # a replicated pool; the routed experts stay split over (expert, tensor) (not copied), the MoE
@@ -132,6 +148,7 @@ _DATA_PARALLEL_ATTENTION = {
 _CONTEXT_PARALLEL = {
     **_PARAMS,
     **_SPLIT_EXPERTS,
+    **_SPLIT_DOWN,
     "act_batch": (),
     "kv_pages": (),
     "kv_stripes": ("data", "expert", "tensor"),
@@ -142,6 +159,7 @@ STRATEGIES: dict[str, dict[str, tuple[str, ...]]] = {
     "decode": {
         **_PARAMS,
         **_SPLIT_EXPERTS,
+        **_SPLIT_DOWN,
         "act_batch": ("data",),
         "kv_pages": (),
         "kv_stripes": (),

@@ -19,7 +19,8 @@ step, uses only arithmetic (no compile, milliseconds a candidate):
   + the chosen experts;
 - collectives: two all-reduces per layer (attention output; MoE combine, into which XLA
   merges the shared expert's) and one for the embedding, each at the chip's stated latency;
-  two more per layer under ``context_parallel`` (the merge's all-max and all-reduce).
+  two more per layer under ``context_parallel`` (the merge's all-max and all-reduce), one more
+  where q_a and kv_a are split over their inputs (``down_in``: their partial outputs' sum).
 
 A candidate fits when weights + KV leave 5% of HBM for the compiler's temporaries. The plan
 compiles the best fitting one, and the next when the compiler says it does not fit; the
@@ -180,6 +181,8 @@ def estimate(
         collectives += 2 * layers
     if striped and pool_ways > 1:
         collectives += 2 * layers  # the shards' partials merged: an all-max and an all-reduce
+    if any(sizes[a] > 1 for a in table.get("down_in", ())):
+        collectives += layers  # q_a's and kv_a's partial outputs, summed over their input split
     step = (
         max(read / chip.hbm_bandwidth, flops / chip.peak_flops)
         + collectives * chip.collective_latency_s

@@ -192,7 +192,7 @@ def test_absorbed_attention_over_paged_cache_equals_naive(form, monkeypatch):
     np.testing.assert_allclose(np.asarray(y_cached), np.asarray(y_naive), atol=2e-5, rtol=1e-5)
 
     def both(m):
-        q_nope, q_pe = m._queries(x, cos, sin)
+        q_nope, q_pe = m._queries(m._down_projections(x)[0], cos, sin)
         latents = kv_cache.read_layer(pages, 0, tables)[:, :t]
         cached = kv_cache.read_pages(pages, 0, tables)
         return m.absorbed(q_nope, q_pe, cached, pos), m._naive(q_nope, q_pe, latents, pos)

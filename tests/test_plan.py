@@ -56,8 +56,9 @@ def test_k2_weights_total_594_gb_and_split_by_rules():
     experts = sum(t for p, (t, _) in split.items() if "/experts/" in p)
     assert round(total / GB, 1) == 594.2
     assert round(experts / GB, 1) == 570.8
-    # Everything is split over the 8 chips but q_a, kv_a, the routers and the norms.
-    whole = ("w_q_down", "w_kv_down", "w_router", "e_score", "norm")
+    # Everything is split over the 8 chips but the routers and the norms (q_a and kv_a over
+    # their inputs: the decode table's ``down_in``).
+    whole = ("w_router", "e_score", "norm")
     per_device = sum(d for _, d in split.values())
     assert per_device == sum(
         t if any(w in p for w in whole) else t // 8 for p, (t, _) in split.items()
@@ -98,12 +99,19 @@ def test_plan_picks_a_layout_and_reports_the_roofline():
     # libtpu is part of the test extra: the roofline below needs the TPU compiler's program.
     assert r["compiler"].startswith("XLA:TPU"), r["compiler"]
     # The decode step's collectives, from the compiled HLO: per layer the attention output's
-    # all-reduce and the MoE's (the shared expert's merged into it), plus the embedding's, each
-    # of [batch = 1, 1, D] bf16 over the chips that split the weights.
+    # all-reduce and the MoE's (the shared expert's merged into it), each of [batch = 1, 1, D]
+    # bf16, plus the embedding's, over the chips that split the weights; and where the layout
+    # splits q_a and kv_a over their inputs, their partial outputs summed in one float32
+    # all-reduce a layer. (On this tiny model that costs more latency than it saves reads, so
+    # the search may well pick a layout without it.)
+    assert r["strategy"] in ("decode", "dp_attention"), r["layout_search"]
     ways = r["mesh"]["expert"] * r["mesh"]["tensor"]
-    assert r["ici_ops"] == {"all-reduce": 1 + 2 * cfg.num_layers}
-    per_op = 2 * (ways - 1) / ways * 1 * cfg.hidden_size * 2  # ring, batch 1, bf16
-    assert r["ici_bytes"]["all-reduce"] == pytest.approx(per_op * r["ici_ops"]["all-reduce"])
+    down = any(r["mesh"][a] > 1 for a in rules.rules_for(r["strategy"])["down_in"])
+    assert r["ici_ops"] == {"all-reduce": 1 + (3 if down else 2) * cfg.num_layers}
+    ring = 2 * (ways - 1) / ways  # bytes a chip sends per byte of the reduced array
+    low_rank = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    sent = (1 + 2 * cfg.num_layers) * cfg.hidden_size * 2 + down * cfg.num_layers * low_rank * 4
+    assert r["ici_bytes"]["all-reduce"] == pytest.approx(ring * sent)
     chip = topologies.CHIPS["v5p"]
     coll = r["ici_ops"]["all-reduce"] * chip.collective_latency_s
     coll += r["ici_bytes"]["all-reduce"] / chip.ici_bandwidth
@@ -247,11 +255,15 @@ def test_full_k2_plan_compiles_for_tpu(topology, mesh, ways):
     assert experts["per_device"] == experts["total"] // ways
     for kind in ("dense MLP", "shared experts", "embed + lm_head"):
         assert split[kind]["per_device"] == split[kind]["total"] // ways, kind
+    # MLA all split but its norms (the input norm and the two low-rank ones: 1.1 MB whole on
+    # every chip).
     attn = split["attention (MLA)"]
-    assert attn["per_device"] <= attn["total"] // ways + 1.9 * GB
+    norms = 61 * (7168 + 1536 + 512) * 2
+    assert attn["per_device"] <= attn["total"] // ways + norms
     assert r["weight_bytes"] == sum(row["per_device"] for row in split.values())
-    # Two all-reduces a layer and one for the embedding, read from the compiled program.
-    assert r["ici_ops"] == {"all-reduce": 2 * 61 + 1}
+    # Three all-reduces a layer (attention output, MoE, q_a + kv_a) and one for the embedding,
+    # read from the compiled program.
+    assert r["ici_ops"] == {"all-reduce": 3 * 61 + 1}
     assert r["roofline_step_s"] >= max(r["hbm_s"], r["compute_s"]) > 0
     assert r["kv_capacity_tokens"] > 0
     assert r["fits"], r
@@ -270,7 +282,7 @@ def test_k2_at_256k_is_planned_context_parallel_with_1_over_32_of_the_cache_a_ch
     assert r["kv_cache_bytes"] == 61 * pages * 64 * 576 * 2 <= 1.0 * GB
     whole = 61 * 262_144 * 576 * 2  # the sequence's cache, 18.4 GB
     assert whole / 32 <= r["kernel_bytes_attention"] <= 1.05 * whole / 32
-    assert r["ici_ops"]["all-reduce"] == 4 * 61 + 1 and r["ici_ops"]["all-gather"] == 61
+    assert r["ici_ops"]["all-reduce"] == 5 * 61 + 1 and r["ici_ops"]["all-gather"] == 61
     assert r["fits"] and r["kv_capacity_tokens"] > 20_000_000
 
 

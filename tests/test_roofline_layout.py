@@ -108,9 +108,16 @@ def test_dense_weights_over_all_chips_give_the_one_device_tokens(checkpoint, one
         assert {(shape[1], shape[axis]) for shape in shapes} == {
             (4, experts[name].shape[axis] // 2)
         }, name
-    # q_a, kv_a and the router stay replicated (see sharding.rules for why).
-    w_q_down = model.params["moe_layers"]["attn"]["w_q_down"]
-    assert {s.data.nbytes for s in w_q_down.addressable_shards} == {w_q_down.nbytes}
+    # q_a and kv_a split over their inputs (decode's ``down_in``: one psum a layer joins
+    # them); the router stays replicated (see sharding.rules for why).
+    for stack in ("dense_layers", "moe_layers"):
+        for name in ("w_q_down", "w_kv_down"):
+            w = model.params[stack]["attn"][name]
+            assert {s.data.shape for s in w.addressable_shards} == {
+                (w.shape[0], w.shape[1] // 8, w.shape[2])
+            }, (stack, name)
+    w_router = model.params["moe_layers"]["moe"]["w_router"]
+    assert {s.data.nbytes for s in w_router.addressable_shards} == {w_router.nbytes}
     batch8, batch1 = one_device
     assert _greedy(model, PROMPTS) == batch8
     assert _greedy(model, [PROMPTS[2]]) == batch1
@@ -118,21 +125,22 @@ def test_dense_weights_over_all_chips_give_the_one_device_tokens(checkpoint, one
 
 def test_k2_dense_weights_per_chip_on_32_chips():
     """The arithmetic on K2 Thinking's real config, v5p-64's 32 chips as expert=32: every
-    head-, MLP- and vocab-split weight is 1/32 per chip; what stays whole is q_a, kv_a, the
-    routers and the norms."""
+    head-, MLP- and vocab-split weight is 1/32 per chip, and so are q_a and kv_a (over their
+    inputs, under ``decode``); what stays whole is the routers and the norms."""
     from k2jax.model.config import Config
 
     cfg = Config.from_hf(reference.K2_CONFIG_PATH)
     mesh = jax.sharding.AbstractMesh((1, 32, 1), ("data", "expert", "tensor"))
     split = rules.param_bytes_per_device(cfg, mesh, jnp.bfloat16)
-    whole = ("w_q_down", "w_kv_down", "w_router", "e_score", "norm")
+    whole = ("w_router", "e_score", "norm")
     for path, (total, per_chip) in split.items():
         assert per_chip == (total if any(w in path for w in whole) else total // 32), path
     dense = {p: v for p, v in split.items() if "/experts/" not in p}
     replicated = sum(tot for p, (tot, _) in dense.items() if any(w in p for w in whole))
-    # 23.4 GB of bf16 weights in all; 2.2 GB of them stay whole on every chip, the rest / 32.
+    # 23.4 GB of bf16 weights in all; 0.33 GB of them (the routers) stay whole on every chip,
+    # the rest / 32.
     assert round(sum(tot for tot, _ in dense.values()) / 1e9, 1) == 23.4
-    assert round(replicated / 1e9, 1) == 2.2
+    assert round(replicated / 1e9, 2) == 0.33
     assert sum(per for _, per in dense.values()) < 2.9e9
 
 

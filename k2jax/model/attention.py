@@ -32,7 +32,7 @@ from k2jax.kernels.platform import target_platform
 from k2jax.model import context_parallel, kv_cache
 from k2jax.model.config import Config
 from k2jax.model.layers import RMSNorm, fan_in_init, param
-from k2jax.model.moe import mesh_axes
+from k2jax.model.moe import dividing_axes, mesh_axes
 from k2jax.model.rope import apply_rope
 
 NEG_INF = -1e30
@@ -54,13 +54,15 @@ class MLAttention(nn.Module):
         c = self.cfg
         n, h, r, u = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         d, q, kv = c.hidden_size, c.q_lora_rank, c.kv_lora_rank
-        self.w_q_down = param(self, "w_q_down", (d, q), ("embed", "q_lora"), self.dtype)
+        # The down projections' input axis has its own name: small-batch decode splits it
+        # (``_down_projections``), where the other weights' ``embed`` axis stays whole.
+        self.w_q_down = param(self, "w_q_down", (d, q), ("down_in", "q_lora"), self.dtype)
         self.q_norm = RMSNorm(q, c.low_rank_norm_eps, "q_lora", self.dtype)
         self.w_q_up = param(
             self, "w_q_up", (q, n, h + r), ("q_lora", "heads", "qk_head_dim"), self.dtype
         )
         self.w_kv_down = param(
-            self, "w_kv_down", (d, kv + r), ("embed", "kv_lora_rope"), self.dtype
+            self, "w_kv_down", (d, kv + r), ("down_in", "kv_lora_rope"), self.dtype
         )
         self.kv_norm = RMSNorm(kv, c.low_rank_norm_eps, "kv_lora", self.dtype)
         # Head-major, latent last: the checkpoint's own kv_b_proj order, and the order the
@@ -80,18 +82,67 @@ class MLAttention(nn.Module):
             fan_in_init((0, 1)),
         )
 
-    def _queries(self, x_BTD, cos, sin):
+    def _down_projections(self, x_BTD):
+        """(the queries' low-rank state [B, T, Q], the latent before its norm and rope
+        [B, T, W]): x through w_q_down and w_kv_down.
+
+        Where the rules split the weights' input axis (``down_in``: small-batch decode, so a
+        chip reads 1/N of the 30 MB a layer that every chip would otherwise read), each device
+        multiplies its slice of x by its rows of both weights and one psum of the two float32
+        partial outputs, concatenated, joins them: one collective a layer. (Left to XLA's
+        partitioner, the two einsums compiled to separate all-reduces.)
+        """
+        mesh = jax.sharding.get_abstract_mesh()
+        axes = mesh_axes("down_in")
+        d = x_BTD.shape[-1]
+        if axes and d % math.prod(mesh.shape[a] for a in axes):
+            axes = dividing_axes(axes, d, mesh.shape)
+        if not axes:
+            return (
+                jnp.einsum("BTD,DQ->BTQ", x_BTD, self.w_q_down),
+                jnp.einsum("BTD,DW->BTW", x_BTD, self.w_kv_down),
+            )
+        q = self.w_q_down.shape[1]
+        rows = _dividing(
+            tuple(a for a in mesh_axes("act_batch") if a not in axes), len(x_BTD), mesh
+        )
+
+        def local(x_BTD, w_q_DQ, w_kv_DW):
+            # x comes in whole and each device slices its own columns: x split in the
+            # shard_map's in_specs made the partitioner split the residual stream itself, and
+            # every norm and the router then took an all-reduce of their own (5 a layer).
+            part = w_q_DQ.shape[0]
+            x_BTD = jax.lax.dynamic_slice_in_dim(x_BTD, jax.lax.axis_index(axes) * part, part, 2)
+            f32 = jnp.float32
+            both_BTJ = jnp.concatenate(
+                [
+                    jnp.einsum("BTD,DQ->BTQ", x_BTD, w_q_DQ, preferred_element_type=f32),
+                    jnp.einsum("BTD,DW->BTW", x_BTD, w_kv_DW, preferred_element_type=f32),
+                ],
+                axis=-1,
+            )
+            return jax.lax.psum(both_BTJ, axes).astype(x_BTD.dtype)
+
+        P = jax.sharding.PartitionSpec
+        both_BTJ = jax.shard_map(
+            local,
+            in_specs=(P(rows or None), P(axes, None), P(axes, None)),
+            out_specs=P(rows or None),
+            check_vma=False,
+        )(x_BTD, self.w_q_down, self.w_kv_down)
+        return both_BTJ[..., :q], both_BTJ[..., q:]
+
+    def _queries(self, q_low_BTQ, cos, sin):
         c = self.cfg
-        q_BTQ = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.w_q_down))
+        q_BTQ = self.q_norm(q_low_BTQ)
         q_BTNK = jnp.einsum("BTQ,QNK->BTNK", q_BTQ, self.w_q_up)
         q_nope_BTNH = q_BTNK[..., : c.qk_nope_head_dim]
         q_pe_BTNR = apply_rope(q_BTNK[..., c.qk_nope_head_dim :], cos, sin)
         return q_nope_BTNH, q_pe_BTNR
 
-    def _latents(self, x_BTD, cos, sin):
+    def _latents(self, kv_BTW, cos, sin):
         """The values the cache stores: [normalized c_kv (C) | rotated k_pe (R)], [B, T, W]."""
         c = self.cfg
-        kv_BTW = jnp.einsum("BTD,DW->BTW", x_BTD, self.w_kv_down)
         c_kv_BTC = self.kv_norm(kv_BTW[..., : c.kv_lora_rank])
         k_pe_BTR = apply_rope(kv_BTW[..., c.kv_lora_rank :], cos, sin)
         return jnp.concatenate([c_kv_BTC, k_pe_BTR], axis=-1)
@@ -107,8 +158,9 @@ class MLAttention(nn.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         """Returns (y [B, T, D], the updated page pool or None without a cache)."""
         x_BTD = x_BTD.astype(self.dtype)
-        q_nope_BTNH, q_pe_BTNR = self._queries(x_BTD, cos, sin)
-        latents_BTW = self._latents(x_BTD, cos, sin)
+        q_low_BTQ, kv_BTW = self._down_projections(x_BTD)
+        q_nope_BTNH, q_pe_BTNR = self._queries(q_low_BTQ, cos, sin)
+        latents_BTW = self._latents(kv_BTW, cos, sin)
         if cache is None:
             with jax.named_scope("mla_naive"):
                 out_BTNU = self._naive(q_nope_BTNH, q_pe_BTNR, latents_BTW, positions_BT)
