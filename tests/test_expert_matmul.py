@@ -170,31 +170,33 @@ def _walk(jaxpr):
                 yield from _walk(inner)
 
 
-def test_pallas_kernel_exact_per_projection(experts):
-    """The kernel alone, bf16 activations: equal to float32 dequantize-then-matmul."""
+@pytest.mark.parametrize("tm", [8, 1])
+def test_pallas_kernel_exact_per_projection(experts, tm):
+    """The kernel alone, bf16 activations: equal to float32 dequantize-then-matmul; with
+    8-row tiles and with one-row tiles (one token: rows viewed as [R, 1, I])."""
     (gate, _, down), (gate_f, _, down_f) = experts
     rng = np.random.default_rng(3)
     for w, dense in ((gate, gate_f), (down, down_f)):
         w4 = to_int4_layout(w)
         inp = dense.shape[2]
         tile_expert = np.array([4, 0, 0, 2], np.int32)  # tile 3 is past num_tiles: skipped
-        x = rng.standard_normal((32, inp)).astype(ml_dtypes.bfloat16)
+        x = rng.standard_normal((4 * tm, inp)).astype(ml_dtypes.bfloat16)
         out = int4_pallas.grouped_int4_matmul(
             jnp.asarray(x),
             jnp.asarray(tile_expert),
             jnp.array([3], jnp.int32),
             w4.values,
             w4.scale,
-            tm=8,
+            tm=tm,
             interpret=True,
         )
         xf = x.astype(np.float64)
         ref = np.concatenate(
             [
-                xf[8 * i : 8 * i + 8] @ dense[e].T.astype(np.float64)
+                xf[tm * i : tm * (i + 1)] @ dense[e].T.astype(np.float64)
                 for i, e in enumerate(tile_expert[:3])
             ]
-            + [np.zeros((8, dense.shape[1]))]
+            + [np.zeros((tm, dense.shape[1]))]
         )
         np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 

@@ -11,6 +11,9 @@ docs/int4.md). This kernel reads each chosen expert's INT4 tiles and scales stra
   (Before, x came group-major ``[G, R, S]`` so a group was a whole block; making it was a
   transpose whose 32-wide minor axis XLA:TPU pads to 128 lanes: for K2 at batch 512 on
   v5p-64 the largest op of a MoE layer, 4x the activation bytes, once per call.)
+- one token (batch-1 decode) takes one-row tiles (``tm=1``): rows are viewed as ``[R, 1, I]``,
+  a block being one whole row, so the rows around the kernel are the choices themselves, not
+  each padded to 8 (``k2jax.model.expert_matmul.pallas_tile_rows``);
 - the weight layout is input-major ``int4 [E, G, S, O]`` with scales ``bf16 [E, G, O]``
   (``Int4Weight.values_EGSO``), so a group's scale is broadcast along sublanes, which is cheap,
   instead of along lanes, which Mosaic cannot reshape;
@@ -251,6 +254,15 @@ def _grouped_int4_matmul(
     assert groups * size == inp and rows % tm == 0, (x_RI.shape, values_LEGSO.shape, tm)
     plan = tiling((groups, rows, size), values_LEGSO.shape, tm=tm, tn=tn, tk=tk)
     (x_block, x_map), (w_block, w_map), (s_block, s_map) = plan.in_specs
+    out_block, out_map = (tm, plan.tn), lambda j, i, k, te, nt, ly: (i, j)
+    out = values_LEGSO.shape[-1]
+    if tm == 1:
+        # One-row tiles (one token: each expert has at most one row). A block's second-minor
+        # dimension must be a multiple of 8 or the whole axis, so rows are viewed as [R, 1, I]
+        # and a block is one whole row (1, tk), its row axis squeezed.
+        x_RI = x_RI.reshape(rows, 1, inp)
+        x_block, x_map = (None, 1, x_block[1]), _one_row(x_map)
+        out_block, out_map = (None, 1, plan.tn), _one_row(out_map)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=plan.grid,
@@ -259,16 +271,28 @@ def _grouped_int4_matmul(
             pl.BlockSpec(w_block, w_map),
             pl.BlockSpec(s_block, s_map),
         ],
-        out_specs=pl.BlockSpec((tm, plan.tn), lambda j, i, k, te, nt, ly: (i, j)),
+        out_specs=pl.BlockSpec(out_block, out_map),
         scratch_shapes=[pltpu.VMEM((tm, plan.tn), jnp.float32)],
     )
-    return pl.pallas_call(
+    out_shape = (rows, 1, out) if tm == 1 else (rows, out)
+    y = pl.pallas_call(
         _kernel,
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((rows, values_LEGSO.shape[-1]), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary"),
             vmem_limit_bytes=VMEM_LIMIT_BYTES,
         ),
         interpret=interpret,
     )(tile_expert, num_tiles, layer_1, x_RI, values_LEGSO, scale_LEGO)
+    return y.reshape(rows, out)
+
+
+def _one_row(index_map):
+    """A (row block, column block) index map as one for a [R, 1, C] view: (row, 0, column)."""
+
+    def mapped(*grid_and_refs):
+        row, column = index_map(*grid_and_refs)
+        return row, 0, column
+
+    return mapped

@@ -104,7 +104,9 @@ def routed_experts(
     with jax.named_scope(f"routed_experts_{impl}"):
         if impl == "pallas":
             share = local_pairs(num_tokens * k, num_local, num_experts_total)
-            tm = pallas_tile_rows(share, num_local if num_experts_total else None)
+            tm = pallas_tile_rows(
+                share, num_local if num_experts_total else None, num_tokens, gate_EMD.layout
+            )
             capacity = pass_capacity(num_tokens * k, num_local, num_experts_total, tm)
             kernel = _pallas_fp8 if gate_EMD.layout == "fp8" else _pallas
             y_TD = kernel(
@@ -365,11 +367,22 @@ def pass_capacity(num_pairs: int, num_local: int, num_total: int | None, tm: int
     return min(num_pairs, -(-CAPACITY_FACTOR * share // tm) * tm)
 
 
-def pallas_tile_rows(num_pairs: int, num_local: int | None = None) -> int:
+def pallas_tile_rows(
+    num_pairs: int,
+    num_local: int | None = None,
+    num_tokens: int | None = None,
+    layout: str = "int4",
+) -> int:
     """Rows per tile for the pairs a shard expects: 8 (the sublane minimum) while an expert
     gets a few rows (decode), 128 to feed the MXU when it gets many (prefill). Chosen from the
     shard's share, not the global count: at batch 64 on 32 shards each expert sees ~2 rows, and
     128-row tiles made its activation blocks dominate the copies (counted, docs/int4.md).
+
+    One token (batch-1 decode) on the INT4 kernel: one-row tiles. Its choices are distinct
+    experts, so each row is its own expert's tile anyway, and 8-row tiles padded each to 8:
+    K2 at batch 1 on v5p-64 carried 64 rows of [rows, 7,168] activations and float32 outputs
+    through XLA for at most 8 real ones (7.1 MB a MoE layer, measured by the plan). With one
+    token no expert has two rows, so no tile re-reads an expert's weights.
 
     Under expert parallelism (``num_local``: the shard's experts; ``num_pairs`` their share of
     uniformly routed pairs), with more than 64 pairs but fewer than 64 rows an expert expected:
@@ -377,6 +390,8 @@ def pallas_tile_rows(num_pairs: int, num_local: int | None = None) -> int:
     row tile's activations, so 128-row tiles for K2 at batch 512 on 32 shards (~11 rows an
     expert) copied as many activation bytes as weight bytes (counted by ``pallas_reads``: 264
     of 561 MB a layer; 32-row tiles: 66 of 363 MB)."""
+    if num_tokens == 1 and layout == "int4":
+        return 1
     if num_pairs <= 64:
         return 8
     if num_local is None:
@@ -411,7 +426,7 @@ def pallas_reads(
     local_TK = ids - expert_offset
     mine_TK = (local_TK >= 0) & (local_TK < num_local)
     share = local_pairs(ids.size, num_local, num_total)
-    tm = pallas_tile_rows(share, num_local if num_total else None)
+    tm = pallas_tile_rows(share, num_local if num_total else None, ids.shape[0], layout)
     capacity = pass_capacity(ids.size, num_local, num_total, tm)
     _, keys, needed = _passes(local_TK, mine_TK, num_local, capacity)
     sums = [0, 0, 0]
