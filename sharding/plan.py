@@ -164,6 +164,9 @@ def plan(
     flops = xla_flops + kernel.get("flops", 0.0)
     ici = collectives.collectives(compiled.as_text(), len(devices)) if compiled is not None else {}
     roof = _roofline(slice_, compiler, len(devices), accessed, flops, ici, batch)
+    if per_moe_layer < 0:
+        # XLA's count is not a count here (see "warnings"): no roofline is made up from it.
+        roof = dict.fromkeys(roof)
     free = hbm - weight_bytes - temp_bytes if hbm else 0
     # A token's latent is on every chip of its pool shard: the slice holds pool_ways times what
     # one chip's free memory holds.
@@ -195,7 +198,9 @@ def plan(
         "expert_split": dict(zip(("experts", "intermediate"), split_axes, strict=True)),
         "kernel_routing": f"uniform random top-{cfg.num_experts_per_tok}, seed "
         f"{ROUTING_SEED} + layer; busiest expert shard per layer",
-        "step_time_lower_bound_s": accessed / bandwidth if bandwidth and accessed else None,
+        "step_time_lower_bound_s": (
+            accessed / bandwidth if bandwidth and accessed and per_moe_layer >= 0 else None
+        ),
         "flops": flops,
         "flops_xla": xla_flops,
         "kernel_flops": kernel.get("flops", 0.0),

@@ -81,6 +81,24 @@ def test_plan_tiny_on_tpu_topology_or_cpu_fallback():
     assert r["argument_bytes"] >= r["weight_bytes"] + r["kv_cache_bytes"]
 
 
+def test_a_negative_xla_count_gives_a_warning_and_no_roofline(monkeypatch):
+    """XLA's per-MoE-layer bytes are the real program's less the MoE-less program's; where that
+    comes out negative (K2 at batch 1 on v6e-64: XLA:TPU prefetched the lm_head into VMEM in
+    the smaller program only) the plan warns and makes no roofline from the count."""
+    real = plan._per_step
+
+    def negative(*args):
+        total, _, flops = real(*args)
+        return total, -1.0, flops
+
+    monkeypatch.setattr(plan, "_per_step", negative)
+    r = plan.plan(_tiny_cfg(), {"data": 1, "expert": 2, "tensor": 2}, topology="v5p-8")
+    assert r["compiler"].startswith("XLA:TPU"), r["compiler"]
+    assert len(r["warnings"]) == 1 and "negative" in r["warnings"][0]
+    for key in ("roofline_step_s", "tokens_per_s_per_chip", "hbm_s", "step_time_lower_bound_s"):
+        assert r[key] is None, key
+
+
 def _tiny_cfg() -> Config:
     return Config.from_hf(reference.hf_config_dict(num_attention_heads=8, num_key_value_heads=8))
 
