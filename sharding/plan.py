@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -70,13 +71,22 @@ def _devices(topology: topologies.Slice | None, count: int):
     return cpus[:count], fallback
 
 
-def decode_step(cfg: Config, dtype, scan_layers: bool = True):
-    """The decode step the engine runs: (params, tokens [B, 1], positions [B, 1], cache)."""
+def decode_step(cfg: Config, dtype, scan_layers: bool = True, moe_passes: int = 1):
+    """The decode step the engine runs: (params, tokens [B, 1], positions [B, 1], cache).
+
+    ``moe_passes`` 2 runs the MoE stack a second time after the first (a second loop over the
+    same layers, writing the same cache layers again): a program for measuring, not for use
+    (``_per_step``)."""
 
     def step(params, tokens_B1, positions_B1, cache):
-        x_BTD, pages = k2model.forward(
-            params, tokens_B1, positions_B1, cache, cfg=cfg, dtype=dtype, scan_layers=scan_layers
+        run = functools.partial(
+            k2model.run_layers, params, cfg=cfg, dtype=dtype, scan_layers=scan_layers
         )
+        x_BTD = k2model.embed(params, tokens_B1, cfg=cfg, dtype=dtype)
+        x_BTD, pages = run(x_BTD, positions_B1, cache)
+        for _ in range(moe_passes - 1):
+            again = kv_cache.PagedCache(pages, cache.block_tables)
+            x_BTD, pages = run(x_BTD, positions_B1, again, stacks=("moe_layers",))
         logits_BTV = k2model.lm_logits(params, x_BTD, cfg=cfg, dtype=dtype)
         return logits_BTV, pages
 
@@ -213,8 +223,9 @@ def plan(
         "kv_pool_shards": pool_ways,
         "warnings": (
             [
-                "XLA's per-MoE-layer bytes came out negative (the MoE-less program counted "
-                "more than the real one): bytes_accessed_xla is not reliable for this case"
+                "XLA's per-MoE-layer bytes came out negative (the program with the MoE stack "
+                "run twice counted less than the real one): bytes_accessed_xla is not "
+                "reliable for this case"
             ]
             if per_moe_layer < 0
             else []
@@ -311,7 +322,7 @@ def _step(result: dict) -> float:
     return float("inf") if step is None else step
 
 
-def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
+def _compile(cfg, mesh, dtype, strategy, shape, scan_layers, moe_passes=1):
     """(compiled or None, compile error or None, pool shape, lowering seconds)."""
     batch, context, page_size = shape
     # The resident expert layout the target platform runs (int4 on TPU, packed words on CPU).
@@ -340,7 +351,7 @@ def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
     # The pool row-major in and out, as the engine's step pins it (``placement.row_major``).
     pinned = placement.row_major(pool, 4)
     step = jax.jit(
-        decode_step(cfg, dtype, scan_layers),
+        decode_step(cfg, dtype, scan_layers, moe_passes),
         donate_argnums=(3,),
         in_shardings=(None, None, None, kv_cache.PagedCache(pinned, None)),
         out_shardings=(None, pinned),
@@ -360,9 +371,11 @@ def _compile(cfg, mesh, dtype, strategy, shape, scan_layers):
     return compiled, error, pool_shape, t1 - t0
 
 
-def _cost(cfg, mesh, dtype, strategy, shape, scan_layers: bool) -> tuple[float, float]:
+def _cost(
+    cfg, mesh, dtype, strategy, shape, scan_layers: bool, moe_passes: int = 1
+) -> tuple[float, float]:
     """(bytes accessed, flops) of one program by XLA's cost analysis."""
-    compiled, error, _, _ = _compile(cfg, mesh, dtype, strategy, shape, scan_layers)
+    compiled, error, _, _ = _compile(cfg, mesh, dtype, strategy, shape, scan_layers, moe_passes)
     if compiled is None:
         raise RuntimeError(f"the {cfg.num_layers}-layer program did not compile: {error}")
     cost = compiled.cost_analysis()
@@ -376,14 +389,16 @@ def _per_step(cfg, mesh, dtype, strategy, shape, scanned: float, scanned_flops: 
     ``scanned_flops``: the real (scanned) program's figures.
 
     XLA's cost analysis counts a while loop's body once, whatever its trip count, so the scanned
-    program's figure holds one layer of each stack. One MoE layer (the scan body, compiled in
-    the real program with the real stacked operands) is that figure less the same program
-    without the MoE stack (``num_layers = num_dense_layers``); the full model has
-    ``num_moe_layers`` of them. Small unrolled programs with 1 and 2 MoE layers, used before, are
-    not representative: a 1-layer stack is sliced for free where a real one is not (that
-    attributed two layers' expert copies to one), and XLA:TPU keeps a small program's whole
-    expert stacks in VMEM, which it cannot do for real ones (on v6e-64 3 unrolled MoE layers
-    then cost less than 1). A dense stack of more than one layer is measured by two small
+    program's figure holds one layer of each stack. One MoE layer is the same program with the
+    MoE stack run a second time (``decode_step(moe_passes=2)``: a second loop, the same body)
+    less the real program: the two differ by one loop body and nothing else, both are full size
+    (the real stacks, 60 layers' buffers), so XLA:TPU schedules what they share alike.
+    Subtracting the program without the MoE stack, used before, did not: on v6e-64 at batch 1
+    the smaller program alone prefetched its lm_head shard into VMEM, and one MoE layer came
+    out at -95 MB (now 14.5 MB; on v5p-64 both ways agree, 18.6 MB). Small unrolled programs
+    with 1 and 2 MoE layers, used before that, are not representative either: a 1-layer stack
+    is sliced for free where a real one is not, and XLA:TPU keeps a small program's whole
+    expert stacks in VMEM. A dense stack of more than one layer is measured by two small
     unrolled dense-only programs (no custom calls there). See docs/sharding.md.
 
     Pallas kernels are opaque to the cost analysis (a call is counted for its small operands
@@ -393,11 +408,9 @@ def _per_step(cfg, mesh, dtype, strategy, shape, scanned: float, scanned_flops: 
     dense = cfg.num_dense_layers
     per_moe = per_moe_flops = 0.0
     if cfg.num_moe_layers:
-        without_moe = _cost(
-            dataclasses.replace(cfg, num_layers=dense), mesh, dtype, strategy, shape, True
-        )
-        per_moe = scanned - without_moe[0]
-        per_moe_flops = scanned_flops - without_moe[1]
+        twice = _cost(cfg, mesh, dtype, strategy, shape, True, moe_passes=2)
+        per_moe = twice[0] - scanned
+        per_moe_flops = twice[1] - scanned_flops
     per_dense = per_dense_flops = 0.0
     if dense > 1:
         one, two = (

@@ -320,18 +320,43 @@ def forward(
     with a cache, never written to a live page). Without a cache, attention is causal over this
     call's tokens; with one, each token attends to its sequence's cached positions <= its own.
     """
+    x_BTD = embed(params, tokens_BT, cfg=cfg, dtype=dtype)
+    return run_layers(
+        params, x_BTD, positions_BT, cache, cfg=cfg, dtype=dtype, scan_layers=scan_layers
+    )
+
+
+def embed(params: dict, tokens_BT: jax.Array, *, cfg: Config, dtype=jnp.bfloat16) -> jax.Array:
+    """The tokens' embeddings [B, T, D], split as the residual stream is (by batch)."""
     head = Head(cfg, dtype)
     head_params = {k: params[k] for k in ("embed", "final_norm", "lm_head")}
     x_BTD = head.apply({"params": head_params}, tokens_BT, method=Head.embed_tokens)
     # The residual stream is split by batch only; without this hint the partitioner may keep
     # the vocab-split embedding's layout and reshard inside every layer.
-    x_BTD = hint(x_BTD, ("act_batch", None, None))
+    return hint(x_BTD, ("act_batch", None, None))
+
+
+def run_layers(
+    params: dict,
+    x_BTD: jax.Array,
+    positions_BT: jax.Array,
+    cache: kv_cache.PagedCache | None = None,
+    *,
+    cfg: Config,
+    dtype=jnp.bfloat16,
+    scan_layers: bool = True,
+    stacks: tuple[str, ...] = STACKS,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``x_BTD`` through the layer stacks named in ``stacks`` (in model order; each keeps its
+    own layer indices into the cache) and the updated page pool (or None). ``forward`` runs
+    them all; ``sharding.plan`` runs the MoE stack a second time to measure one MoE layer."""
     cos, sin = rope_tables(cfg, positions_BT)
     pages = None if cache is None else cache.pages
     layer = 0
     for stack in STACKS:
         n = _stack_sizes(cfg)[stack]
-        if n == 0:
+        first_of_stack, layer = layer, layer + n
+        if n == 0 or stack not in stacks:
             continue
         block = _block(cfg, stack, dtype)
         unstacked = isinstance(params[stack], list | tuple)  # from ``unstack_layers``
@@ -342,7 +367,7 @@ def forward(
         else:
             per_layer, whole = _split_in_place(params[stack])
 
-        def step(carry, layer_params, block=block, first=layer, whole=whole):
+        def step(carry, layer_params, block=block, first=first_of_stack, whole=whole):
             x, pages, layer = carry
             layer_cache = None if pages is None else kv_cache.PagedCache(pages, cache.block_tables)
             x, pages = block.apply(
@@ -358,7 +383,7 @@ def forward(
             x = hint(x, ("act_batch", None, None))
             return (x, pages, layer + 1), None
 
-        carry = (x_BTD, pages, jnp.asarray(layer, jnp.int32))
+        carry = (x_BTD, pages, jnp.asarray(first_of_stack, jnp.int32))
         if unstacked:
             for layer_params in layer_params_list:
                 carry, _ = step(carry, layer_params)
@@ -368,7 +393,6 @@ def forward(
             for i in range(n):
                 carry, _ = step(carry, jax.tree.map(lambda a, i=i: a[i], per_layer))
         x_BTD, pages, _ = carry
-        layer += n
     return x_BTD, pages
 
 
