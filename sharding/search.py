@@ -181,7 +181,8 @@ def estimate(
         collectives += 2 * layers
     if striped and pool_ways > 1:
         collectives += 2 * layers  # the shards' partials merged: an all-max and an all-reduce
-    if any(sizes[a] > 1 for a in table.get("down_in", ())):
+    down_axes = tuple(a for a in table.get("down_in", ()) if sizes[a] > 1)
+    if rules.dividing_axes(down_axes, cfg.hidden_size, sizes):
         collectives += layers  # q_a's and kv_a's partial outputs, summed over their input split
     step = (
         max(read / chip.hbm_bandwidth, flops / chip.peak_flops)

@@ -93,10 +93,8 @@ class MLAttention(nn.Module):
         partitioner, the two einsums compiled to separate all-reduces.)
         """
         mesh = jax.sharding.get_abstract_mesh()
-        axes = mesh_axes("down_in")
-        d = x_BTD.shape[-1]
-        if axes and d % math.prod(mesh.shape[a] for a in axes):
-            axes = dividing_axes(axes, d, mesh.shape)
+        # The largest subset that divides D, as the params' placement takes it (rules.spec_for).
+        axes = dividing_axes(mesh_axes("down_in"), x_BTD.shape[-1], mesh.shape)
         if not axes:
             return (
                 jnp.einsum("BTD,DQ->BTQ", x_BTD, self.w_q_down),
